@@ -1,0 +1,111 @@
+"""Schedule tests: the official table, invariants, img2img tails, and parity with diffusers' LCMScheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlcm.segments import (
+    SELECTIONS,
+    lcm_timesteps,
+    scaled_linear_alphas_cumprod,
+    segment_boundaries,
+    segment_timesteps,
+    sigmas_from_alphas_cumprod,
+)
+
+# MLCM_METHOD.md §3, transcribed from the authors' inference code.
+OFFICIAL_TABLE = {
+    1: [999],
+    2: [999, 499],
+    3: [999, 499, 124],
+    4: [999, 749, 499, 124],
+    5: [999, 749, 499, 249, 124],
+    6: [999, 749, 499, 374, 249, 124],
+    7: [999, 749, 624, 499, 374, 249, 124],
+    8: [999, 874, 749, 624, 499, 374, 249, 124],
+}
+# MLCM_METHOD.md §3: ComfyUI sigmas at the 8 boundaries for the SD/SDXL schedule.
+BOUNDARY_SIGMAS = [14.6146, 7.2974, 4.0817, 2.4925, 1.6129, 1.0690, 0.6932, 0.3977]
+
+
+def test_boundaries_match_official_linspace():
+    assert segment_boundaries() == [999, 874, 749, 624, 499, 374, 249, 124, 0]
+    # the official code: torch.linspace(1000 - 1, 0, 9, dtype=int)
+    assert segment_boundaries(8) == torch.linspace(999, 0, 9, dtype=torch.int64).tolist()
+
+
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_official_table_m8(steps):
+    assert segment_timesteps(steps) == OFFICIAL_TABLE[steps]
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("selection", ["official", "uniform"])
+def test_invariants_every_segment_count(segments, selection):
+    boundaries = segment_boundaries(segments)
+    assert boundaries[0] == 999 and boundaries[-1] == 0 and len(boundaries) == segments + 1
+    assert all(a > b for a, b in zip(boundaries, boundaries[1:]))
+    for steps in range(1, segments + 1):
+        ts = segment_timesteps(steps, segments, selection=selection)
+        assert len(ts) == steps
+        assert ts[0] == 999
+        assert all(a > b for a, b in zip(ts, ts[1:])), ts
+        assert set(ts) <= set(boundaries[:-1])
+    assert segment_timesteps(segments, segments, selection=selection) == boundaries[:-1]
+
+
+def test_uniform_selection_is_evenly_spaced():
+    assert segment_timesteps(4, 8, selection="uniform") == [999, 749, 499, 249]
+    assert segment_timesteps(2, 8, selection="uniform") == [999, 499]
+
+
+def test_steps_beyond_segments_is_a_clear_error():
+    with pytest.raises(ValueError, match="steps=9 exceeds segments=8"):
+        segment_timesteps(9, 8)
+    with pytest.raises(ValueError, match="at least 1"):
+        segment_timesteps(0, 8)
+    with pytest.raises(ValueError, match="unknown"):
+        segment_timesteps(4, 8, selection="karras")
+
+
+def test_img2img_keeps_the_tail_of_the_official_table():
+    # half strength starts at boundary 4 (t=499) and follows the official tails
+    assert segment_timesteps(1, denoise=0.5) == [499]
+    assert segment_timesteps(2, denoise=0.5) == [499, 124]
+    assert segment_timesteps(3, denoise=0.5) == [499, 249, 124]
+    assert segment_timesteps(4, denoise=0.5) == [499, 374, 249, 124]
+    with pytest.raises(ValueError, match="leaves only 4 of 8"):
+        segment_timesteps(5, denoise=0.5)
+    # every img2img schedule starts at the strength boundary and stays on the grid
+    boundaries = segment_boundaries(8)
+    for denoise in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0):
+        start = boundaries[8 - round(denoise * 8)]
+        for steps in range(1, round(denoise * 8) + 1):
+            ts = segment_timesteps(steps, denoise=denoise)
+            assert ts[0] == start and len(ts) == steps and set(ts) <= set(boundaries)
+            assert all(a > b for a, b in zip(ts, ts[1:]))
+
+
+def test_lcm_selection_matches_diffusers_lcm_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for steps in range(1, 9):
+        scheduler.set_timesteps(steps)
+        assert lcm_timesteps(steps) == scheduler.timesteps.tolist()
+        assert segment_timesteps(steps, selection="lcm") == scheduler.timesteps.tolist()
+    assert lcm_timesteps(4) == [999, 759, 499, 259]
+
+
+def test_alphas_cumprod_and_sigmas_match_diffusers_and_published_values():
+    acp = scaled_linear_alphas_cumprod()
+    diffusers = pytest.importorskip("diffusers")
+    ddpm = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.testing.assert_close(acp.float(), ddpm.alphas_cumprod, rtol=1e-6, atol=1e-7)
+    sigmas = sigmas_from_alphas_cumprod(acp, segment_timesteps(8))
+    assert sigmas[-1] == 0 and len(sigmas) == 9
+    torch.testing.assert_close(sigmas[:-1], torch.tensor(BOUNDARY_SIGMAS), atol=1e-4, rtol=0)
+
+
+def test_selections_listed():
+    assert SELECTIONS == ("official", "uniform", "lcm")
