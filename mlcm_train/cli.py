@@ -1,0 +1,226 @@
+"""Command line of the trainer: ``python -m mlcm_train {distill,trajectories,export}``.
+
+``distill`` flags are generated from ``DistillConfig`` (one flag per field, help text from the field's
+comment), so the dataclass stays the single place where a setting and its default are defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import DistillConfig
+
+log = logging.getLogger(__name__)
+
+
+def _field_comments() -> dict[str, str]:
+    """The ``# comment`` after each field in DistillConfig's source, used as the flag's help."""
+    comments = {}
+    for line in inspect.getsource(DistillConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 8,4,2"
+        ) from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+_METAVARS = {"int": "N", "int | None": "N", "float": "F", "float | None": "F", "tuple[int, ...]": "N,N"}
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "str | None": _optional(str),
+    "int | None": _optional(int),
+    "float | None": _optional(float),
+    "tuple[int, ...]": _int_list,
+    "tuple[str, ...]": _str_list,
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per DistillConfig field; unset flags stay absent (SUPPRESS)."""
+    comments = _field_comments()
+    for field in dataclasses.fields(DistillConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{comments.get(field.name, '')} (default: {shown})"
+        if field.type == "bool":
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        if field.type not in _PARSERS:
+            raise TypeError(
+                f"DistillConfig.{field.name} has type {field.type}; add a parser for it in cli.py"
+            )
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=_PARSERS[field.type],
+            default=argparse.SUPPRESS,
+            help=help_text,
+            metavar=_METAVARS.get(field.type, "A,B" if field.type.startswith("tuple") else "TEXT"),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlcm_train",
+        description="Distill MLCM LoRAs (multistep latent consistency, arXiv 2406.05768) from SD1.5/SDXL teachers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    distill = commands.add_parser(
+        "distill",
+        help="train an MLCM LoRA from a teacher checkpoint and a prompt file",
+        description="Stage 1 (multistep LCD) and stage 2 (inter-segment consistency) in one run; "
+        "checkpoints, resume, sample grids, export at the end.",
+    )
+    distill.add_argument(
+        "--config", type=Path, help="JSON file of config values; flags given here override it"
+    )
+    distill.add_argument(
+        "--resume",
+        type=Path,
+        metavar="PATH",
+        help="continue exactly from a checkpoint folder or a run directory's newest checkpoint "
+        "(its saved config is used; flags given here override it)",
+    )
+    distill.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    add_config_flags(distill)
+    distill.set_defaults(run=_run_distill)
+
+    trajectories = commands.add_parser(
+        "trajectories",
+        help="pre-generate teacher trajectory states to disk, shared by later distill runs (--trajectories DIR)",
+    )
+    trajectories.add_argument("out", type=Path, help="folder for the shards")
+    trajectories.add_argument(
+        "--samples", type=int, default=1024, help="states per segment count (default 1024)"
+    )
+    trajectories.add_argument(
+        "--shard-size", type=int, default=256, help="states per shard file (default 256)"
+    )
+    trajectories.add_argument("--config", type=Path, help="JSON file of config values")
+    add_config_flags(trajectories)
+    trajectories.set_defaults(run=_run_trajectories)
+
+    export = commands.add_parser(
+        "export", help="write the LoRA of a checkpoint in kohya/PEFT/diffusers formats"
+    )
+    export.add_argument(
+        "checkpoint", type=Path, help="checkpoint folder, or a run directory (newest checkpoint)"
+    )
+    export.add_argument("--out", type=Path, help="output folder (default: <run>/export)")
+    export.add_argument(
+        "--formats",
+        type=_str_list,
+        default=None,
+        help="comma list of kohya,peft,diffusers (default: the run's)",
+    )
+    export.add_argument("--name", default=None, help="file stem (default: mlcm_<family>_<segments>seg)")
+    export.set_defaults(run=_run_export)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DistillConfig:
+    """Defaults <- ``base`` (a saved config) <- ``--config`` file <- explicitly given flags."""
+    values: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None) is not None:
+        try:
+            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read --config {args.config}: {error}") from error
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return DistillConfig.from_dict(values)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    base = None
+    if args.resume is not None:
+        from .checkpoint import load_checkpoint
+
+        base = load_checkpoint(args.resume).config
+    config = resolve_config(args, base)
+    if not config.teacher:
+        raise ValueError(
+            "no teacher given; pass --teacher PATH (a diffusers folder or a .safetensors checkpoint)"
+        )
+    if not config.prompts and not config.trajectories:
+        raise ValueError("no prompts given; pass --prompts FILE (one prompt a line) or a folder of captions")
+    if args.dry_run:
+        sys.stdout.write(config.to_json() + "\n")
+        return 0
+    from .train import train
+
+    train(config, resume=args.resume)
+    return 0
+
+
+def _run_trajectories(args: argparse.Namespace) -> int:
+    from .trajectories_cli import run_trajectories
+
+    return run_trajectories(args, resolve_config(args))
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    written = export_checkpoint(args.checkpoint, out_dir=args.out, formats=args.formats, name=args.name)
+    for path in written:
+        log.info("wrote %s", path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m mlcm_train``; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # Known, user-fixable failures: one clear line instead of a traceback (use -v for the traceback).
+        log.debug("failed", exc_info=True)
+        log.error("%s", error)
+        return 2

@@ -1,0 +1,227 @@
+"""The trainer's one configuration object: every choice of a `distill` run, with its default and source.
+
+The resolved config is written to the run directory, next to every checkpoint and into the exported
+LoRA's metadata; ``config_hash()`` names the recipe (fields that cannot change the weights, such as
+where logs go, are left out of the hash).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# The 14 UNet module patterns of the official MLCM/TLCM LoRA (MLCM_METHOD.md §4), also diffusers'
+# LCM-LoRA default (training_anchors.md §1.8).
+LORA_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+LOSS_TYPES = ("l2", "huber")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+EXPORT_FORMATS = ("kohya", "peft", "diffusers")
+RENOISE_MODES = ("same", "fresh")
+
+# Fields marked with this metadata cannot change the trained weights; config_hash() ignores them.
+_BOOKKEEPING = {"bookkeeping": True}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One `python -m mlcm_train distill` run (defaults: MLCM_METHOD.md §5 unless marked ours)."""
+
+    # --- inputs ---
+    teacher: str = ""  # diffusers folder or single-file .safetensors checkpoint (SD1.5 or SDXL)
+    prompts: str = ""  # text file, one prompt a line, or a folder of caption .txt files
+    tokenizer_path: str | None = None  # local tokenizer folder for single-file teachers
+    comfyui_root: str | None = None  # ComfyUI installation to search for tokenizers/configs
+    resolution: int | None = None  # pixels; None = the teacher's native size (512 SD1.5, 1024 SDXL)
+    trajectories: str | None = None  # folder of pre-generated trajectory shards; None = online
+
+    # --- the method ---
+    segments: int = 8  # M, the paper's segment count
+    skip: int = 20  # t_n = t_m - skip (paper: 20; the parent method used 1)
+    guidance_scale: float = 8.0  # teacher CFG w, fixed (paper, SDXL)
+    loss_type: str = "l2"  # "l2" (paper) or "huber"
+    huber_c: float = 0.001  # Huber constant, LCM/diffusers convention
+    lpips_path: str | None = None  # optional latent-LPIPS weights (.safetensors); None = raw latents
+    stages: tuple[int, ...] = (1, 2)  # stage 1 (multistep LCD) then stage 2 (inter-segment)
+    progressive: tuple[int, ...] = ()  # segment counts of progressive rounds, e.g. (8, 4, 2) (ours)
+    stage1_steps: int = 12000  # optimizer steps of stage 1 (paper, SDXL)
+    stage2_steps: int = 2000  # optimizer steps of stage 2 (paper)
+    lr_stage1: float = 1e-4  # AdamW learning rate, stage 1 (paper)
+    lr_stage2: float = 1e-5  # AdamW learning rate, stage 2 (paper)
+    stage2_q: int = 4  # student steps that make stage 2's start sample (paper)
+    stage2_p: int = 3  # teacher CFG-DDIM sub-steps of stage 2's target (paper)
+    stage2_renoise: str = "same"  # forward-diffusion noise for stage 2 start states: "same" or "fresh"
+    ema_decay: float | None = None  # EMA of the LoRA weights as the target; None = online student (paper)
+
+    # --- LoRA ---
+    lora_rank: int = 64  # official rank
+    lora_alpha: float | None = None  # None = rank (scale 1.0); always recorded explicitly (ours)
+    lora_targets: tuple[str, ...] = LORA_TARGET_MODULES
+
+    # --- optimisation ---
+    batch_size: int = 4  # per device and per micro-step (ours: the paper does not state it)
+    gradient_accumulation: int = 1  # micro-steps per optimizer step
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0  # diffusers LCM-LoRA README value
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # diffusers LCM scripts
+    mixed_precision: str = "auto"  # "auto" = bf16 on CUDA when supported, else fp32
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    nan_patience: int = 5  # stop after this many non-finite losses in a row (ours)
+
+    # --- run directory and bookkeeping (not part of config_hash) ---
+    output_dir: str = field(default="runs/mlcm", metadata=_BOOKKEEPING)
+    checkpoint_every: int = field(default=500, metadata=_BOOKKEEPING)  # optimizer steps
+    checkpoints_keep: int = field(default=3, metadata=_BOOKKEEPING)  # newest kept; 0 = keep all
+    log_every: int = field(default=10, metadata=_BOOKKEEPING)
+    tensorboard: bool = field(default=False, metadata=_BOOKKEEPING)
+    sample_every: int = field(default=1000, metadata=_BOOKKEEPING)  # 0 = no sample grids
+    sample_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_BOOKKEEPING)
+    sample_prompts: int = field(default=4, metadata=_BOOKKEEPING)  # rows of each grid
+    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=_BOOKKEEPING)
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha is None:
+            # Frozen dataclass: resolve the default once here so alpha is explicit everywhere after.
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        for name in ("stages", "progressive", "lora_targets", "sample_steps", "export_formats"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        positive = (
+            "segments",
+            "skip",
+            "stage1_steps",
+            "stage2_steps",
+            "stage2_q",
+            "stage2_p",
+            "lora_rank",
+            "batch_size",
+            "gradient_accumulation",
+            "nan_patience",
+            "checkpoint_every",
+            "log_every",
+            "sample_prompts",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr_stage1", "lr_stage2", "lora_alpha", "huber_c", "adam_eps", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("stage2_renoise", self.stage2_renoise, RENOISE_MODES)
+        if (
+            not self.stages
+            or any(s not in (1, 2) for s in self.stages)
+            or list(self.stages) != sorted(set(self.stages))
+        ):
+            raise ValueError(f"stages={self.stages} must be 1, 2 or 1,2 (in that order)")
+        rounds = self.progressive or (self.segments,)
+        if list(rounds) != sorted(set(rounds), reverse=True) or rounds[-1] < 1:
+            raise ValueError(
+                f"progressive={self.progressive} must be strictly decreasing segment counts, e.g. 8,4,2"
+            )
+        for segments in rounds:
+            # Each segment must hold t_m in [lo + skip, hi], so it must be wider than skip.
+            width = 999 // segments
+            if width <= self.skip:
+                raise ValueError(
+                    f"segments={segments} gives segments {width} timesteps wide, not wider than skip={self.skip}; "
+                    "use fewer segments or a smaller skip"
+                )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1), or unset for no EMA")
+        if not 0.0 <= self.adam_weight_decay < 1.0:
+            raise ValueError(f"adam_weight_decay={self.adam_weight_decay} must be in [0, 1)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not self.lora_targets:
+            raise ValueError("lora_targets is empty; give at least one module pattern such as to_q")
+        for steps in self.sample_steps:
+            if not 1 <= steps <= min(rounds):
+                raise ValueError(
+                    f"sample_steps contains {steps}; sample grids need 1..{min(rounds)} steps "
+                    f"(the smallest segment count trained)"
+                )
+        for fmt in self.export_formats:
+            _check_choice("export_formats", fmt, EXPORT_FORMATS)
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(
+                f"resolution={self.resolution} must be a positive multiple of 8 (the VAE factor)"
+            )
+        if self.checkpoints_keep < 0 or self.sample_every < 0:
+            raise ValueError(
+                "checkpoints_keep and sample_every must be 0 or more (0 = keep all / no samples)"
+            )
+
+    @property
+    def rounds(self) -> tuple[int, ...]:
+        """Segment counts of the training rounds: the progressive list, or just ``segments``."""
+        return self.progressive or (self.segments,)
+
+    @property
+    def final_segments(self) -> int:
+        return self.rounds[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit hash of every field that can change the trained weights."""
+        recipe = {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("bookkeeping")
+        }
+        payload = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; this trainer knows {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
