@@ -1,0 +1,84 @@
+"""Write LoRAs as kohya safetensors files that stock loaders (ComfyUI, A1111, kohya) apply at the right scale."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .metadata import MLCMLoraMetadata
+from .modules import LoraWeights
+
+logger = logging.getLogger(__name__)
+
+# kohya sd-scripts' marker for a plain LoRA network, and its value of ss_network_dim/alpha for mixed ranks.
+SS_NETWORK_MODULE = "networks.lora"
+SS_DYNAMIC = "Dynamic"
+
+
+def to_kohya_state_dict(lora: LoraWeights, *, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """kohya keys `<name>.lora_down.weight`, `.lora_up.weight` (in `dtype`) and an explicit `.alpha` per module."""
+    state_dict: dict[str, Tensor] = {}
+    for name in sorted(lora.modules):
+        module = lora.modules[name]
+        state_dict[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous().clone()
+        state_dict[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous().clone()
+        # float32 even for fp16 weights: an rsLoRA alpha such as 8*sqrt(3) would lose 3 digits in fp16.
+        state_dict[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+    return state_dict
+
+
+def kohya_header(lora: LoraWeights, metadata: MLCMLoraMetadata | None) -> dict[str, str]:
+    """The safetensors `__metadata__` for a kohya export: network facts plus our metadata."""
+    ranks = {module.rank for module in lora.modules.values()}
+    alphas = {module.alpha for module in lora.modules.values()}
+    header = {
+        "ss_network_module": SS_NETWORK_MODULE,
+        "ss_network_dim": str(next(iter(ranks))) if len(ranks) == 1 else SS_DYNAMIC,
+        "ss_network_alpha": f"{next(iter(alphas)):g}" if len(alphas) == 1 else SS_DYNAMIC,
+    }
+    if metadata is not None:
+        header.update(metadata.to_header())
+    if lora.alpha_source:
+        header["mlcm.alpha_source"] = lora.alpha_source
+    return header
+
+
+def write_kohya_lora(
+    path: str | os.PathLike,
+    lora: LoraWeights,
+    *,
+    metadata: MLCMLoraMetadata | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> None:
+    """Atomically write `lora` as a kohya `.safetensors` file; `metadata` defaults to the LoRA's own."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"write_kohya_lora writes safetensors; name the file '{path.stem}.safetensors', not {path.name!r}"
+        )
+    if not lora.modules:
+        raise ValueError("the LoRA has no modules; nothing to write")
+    if not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype} must be a floating-point dtype (torch.float16, torch.bfloat16 or torch.float32)"
+        )
+    state_dict = to_kohya_state_dict(lora, dtype=dtype)
+    header = kohya_header(lora, metadata if metadata is not None else lora.metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename: a crash or full disk never leaves a half-written LoRA behind.
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(state_dict, tmp_name, metadata=header)
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
+    logger.info("Wrote kohya LoRA %s: %d modules, %s", path, len(lora.modules), header["ss_network_dim"])
