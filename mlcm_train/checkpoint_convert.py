@@ -202,20 +202,34 @@ def vae_from_ldm(
     return out
 
 
+def canonical_clip_key(key: str) -> str:
+    """The transformers-4 name of a CLIP text model key (`text_model.` prefix), the layout single files use.
+
+    transformers 5 drops the `text_model.` level from CLIPTextModel's own state dict; both spellings map here.
+    """
+    return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+
+
 def clip_to_ldm(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """transformers CLIPTextModel state dict -> single-file keys (the layout is kept, only prefixed)."""
-    return {prefix + k: v for k, v in state_dict.items()}
+    """transformers CLIPTextModel state dict -> single-file keys (transformers-4 layout under `prefix`)."""
+    return {prefix + canonical_clip_key(k): v for k, v in state_dict.items()}
 
 
-def clip_from_ldm(
-    checkpoint: Mapping[str, Tensor], diffusers_keys: list[str], prefix: str
-) -> dict[str, Tensor]:
+def clip_from_ldm(checkpoint: Mapping[str, Tensor], model_keys: list[str], prefix: str) -> dict[str, Tensor]:
     """Single-file CLIP-L weights (transformers layout under `prefix`) -> CLIPTextModel state dict."""
-    return {k: _take(checkpoint, prefix + k, "text encoder") for k in diffusers_keys}
+    if prefix + "text_model.embeddings.token_embedding.weight" not in checkpoint and any(
+        k.startswith(prefix + "embeddings.") for k in checkpoint
+    ):
+        # Checkpoints saved with transformers < 4.20 have no `text_model.` level.
+        return {
+            k: _take(checkpoint, prefix + canonical_clip_key(k)[len("text_model.") :], "text encoder")
+            for k in model_keys
+        }
+    return {k: _take(checkpoint, prefix + canonical_clip_key(k), "text encoder") for k in model_keys}
 
 
-def _open_clip_key_map(diffusers_keys: list[str]) -> dict[str, str]:
-    """transformers CLIPTextModelWithProjection key -> OpenCLIP key, for the non-fused parameters."""
+def _open_clip_key_map(model_keys: list[str]) -> dict[str, str]:
+    """CLIP text model key -> OpenCLIP key, for the parameters that are not fused or transposed."""
     table = {
         "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
         "text_model.embeddings.position_embedding.weight": "positional_embedding",
@@ -230,53 +244,53 @@ def _open_clip_key_map(diffusers_keys: list[str]) -> dict[str, str]:
         "self_attn.out_proj": "attn.out_proj",
     }
     mapping = {}
-    for key in diffusers_keys:
-        if key in table:
-            mapping[key] = table[key]
+    for key in model_keys:
+        canonical = canonical_clip_key(key)
+        if canonical in table:
+            mapping[key] = table[canonical]
             continue
-        match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", canonical)
         if match and match.group(2) in layer:
             mapping[key] = f"transformer.resblocks.{match.group(1)}.{layer[match.group(2)]}.{match.group(3)}"
     return mapping
 
 
+_QKV = re.compile(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+
+
 def open_clip_to_ldm(state_dict: Mapping[str, Tensor], prefix: str = SDXL_CLIP_G_PREFIX) -> dict[str, Tensor]:
-    """transformers CLIPTextModelWithProjection -> OpenCLIP single-file keys (fused qkv, transposed projection)."""
+    """CLIPTextModelWithProjection -> OpenCLIP single-file keys (fused qkv, transposed projection)."""
     out = {prefix + ldm: state_dict[k] for k, ldm in _open_clip_key_map(list(state_dict)).items()}
-    n_layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith("text_model.encoder.layers."))
-    for i in range(n_layers):
+    canonical = {canonical_clip_key(k): v for k, v in state_dict.items()}
+    layers = sorted({int(m.group(1)) for k in canonical if (m := _QKV.fullmatch(k))})
+    for i in layers:
         base = f"text_model.encoder.layers.{i}.self_attn."
         for param in ("weight", "bias"):
-            fused = torch.cat([state_dict[f"{base}{p}_proj.{param}"] for p in ("q", "k", "v")])
+            fused = torch.cat([canonical[f"{base}{p}_proj.{param}"] for p in ("q", "k", "v")])
             out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{param}"] = fused
-    # OpenCLIP applies x @ text_projection, transformers applies Linear (x @ W.T): store the transpose.
-    out[prefix + "text_projection"] = state_dict["text_projection.weight"].T.contiguous()
+    # OpenCLIP computes x @ text_projection, a Linear computes x @ W.T: the file holds the transpose.
+    out[prefix + "text_projection"] = canonical["text_projection.weight"].T.contiguous()
     return out
 
 
 def open_clip_from_ldm(
-    checkpoint: Mapping[str, Tensor], diffusers_keys: list[str], prefix: str = SDXL_CLIP_G_PREFIX
+    checkpoint: Mapping[str, Tensor], model_keys: list[str], prefix: str = SDXL_CLIP_G_PREFIX
 ) -> dict[str, Tensor]:
     """OpenCLIP single-file weights -> CLIPTextModelWithProjection state dict."""
-    out = {
-        k: _take(checkpoint, prefix + ldm, "text encoder 2")
-        for k, ldm in _open_clip_key_map(diffusers_keys).items()
-    }
-    for key in diffusers_keys:
-        match = re.fullmatch(
-            r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key
-        )
-        if match:
+    component = "text encoder 2 (OpenCLIP bigG)"
+    out = {k: _take(checkpoint, prefix + ldm, component) for k, ldm in _open_clip_key_map(model_keys).items()}
+    for key in model_keys:
+        canonical = canonical_clip_key(key)
+        if match := _QKV.fullmatch(canonical):
             fused = _take(
                 checkpoint,
                 f"{prefix}transformer.resblocks.{match.group(1)}.attn.in_proj_{match.group(3)}",
-                "text encoder 2",
+                component,
             )
             out[key] = fused.chunk(3)["qkv".index(match.group(2))]
-    out["text_projection.weight"] = _take(
-        checkpoint, prefix + "text_projection", "text encoder 2"
-    ).T.contiguous()
-    missing = [k for k in diffusers_keys if k not in out]
+        elif canonical == "text_projection.weight":
+            out[key] = _take(checkpoint, prefix + "text_projection", component).T.contiguous()
+    missing = [k for k in model_keys if k not in out]
     if missing:
         raise ValueError(f"no OpenCLIP name known for text encoder 2 keys {missing[:5]}")
     return out
