@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         optimizer = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         current = RNG_FILE
         rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorsError, EOFError) as error:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError, EOFError) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt ({current}: {error}); resume from an earlier checkpoint in "
             f"{path.parent}"

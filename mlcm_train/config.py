@@ -188,6 +188,16 @@ class DistillConfig:
     def final_segments(self) -> int:
         return self.rounds[-1]
 
+    def phases(self) -> list[tuple[int, int]]:
+        """(segments, stage) of every training phase in order: each round runs the configured stages."""
+        return [(segments, stage) for segments in self.rounds for stage in self.stages]
+
+    def phase_steps(self, stage: int) -> int:
+        return self.stage1_steps if stage == 1 else self.stage2_steps
+
+    def phase_lr(self, stage: int) -> float:
+        return self.lr_stage1 if stage == 1 else self.lr_stage2
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

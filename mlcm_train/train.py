@@ -1,0 +1,539 @@
+"""The `distill` training loop: teacher + LoRA student on one UNet, stage 1 then stage 2, through accelerate.
+
+Read top to bottom: set up (accelerator, run directory, teacher, prompts, LoRA), then for every phase
+(a round's segment count x a stage) an optimizer-step loop: build the batch, compute the loss of
+``mlcm_train.distill``, skip non-finite steps, update, log, checkpoint, sample; export at the end.
+
+Exact resume: every random draw of the data (prompt order, noise, timesteps) comes from a generator seeded
+by (seed, phase, sample index), so the data of step k is a pure function of k. A checkpoint therefore
+needs only the LoRA, optimizer, EMA, step counters and global RNG states to continue bit-for-bit; and the
+same global batch gives the same samples whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlcm.segments import segment_boundaries
+
+from .checkpoint import (
+    TrainState,
+    capture_rng,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import DistillConfig
+from .distill import DistillSettings, mds_states, sample_stage1_timesteps, stage1_loss, stage2_loss
+from .export import export_lora
+from .student import LoraEMA, adapters_disabled, attach_lora, load_lora_state_dict, lora_state_dict
+
+log = logging.getLogger(__name__)
+
+LossHook = Callable[[int, Tensor], Tensor]  # (global_step, loss) -> loss; tests inject NaN through it
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for ``nan_patience`` optimizer steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: TrainState
+    checkpoint: Path | None
+    exported: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per optimizer step (NaN where skipped)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per category (profile=True)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of ints/strings (stable across runs, machines and processes)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto`` = bf16 on a CUDA device that supports it, otherwise fp32 ("no")."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StepTimer:
+    """Seconds spent per category; synchronises CUDA when ``profile`` so async kernels are charged right."""
+
+    def __init__(self, profile: bool, device: torch.device) -> None:
+        self.profile, self.device = profile, device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.label = "rest"
+
+    def _sync(self) -> None:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def charge(self, label: str) -> Iterator[None]:
+        previous, self.label = self.label, label
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[label] += time.perf_counter() - start
+            self.label = previous
+
+
+class PromptOrder:
+    """Sample index -> prompt index: a fresh seeded permutation of all prompts every epoch."""
+
+    def __init__(self, count: int, seed: int, phase: int) -> None:
+        self.count, self.seed, self.phase = count, seed, phase
+        self._epochs: dict[int, Tensor] = {}
+
+    def __call__(self, sample: int) -> int:
+        epoch = sample // self.count
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.phase, epoch))
+            self._epochs = {epoch: torch.randperm(self.count, generator=generator)}
+        return int(self._epochs[epoch][sample % self.count])
+
+
+def sample_generator(config: DistillConfig, phase: int, sample: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(config.seed, "sample", phase, sample))
+
+
+def train(
+    config: DistillConfig,
+    *,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+    loss_hook: LossHook | None = None,
+    profile: bool = False,
+) -> TrainResult:
+    """Run (or continue) a distillation; ``stop_after`` ends after that many global steps with a checkpoint."""
+    from accelerate import Accelerator
+
+    from .embeddings import EmbeddingCache
+    from .prompts import read_prompts
+    from .teacher import load_teacher
+
+    # --- devices and the run directory -------------------------------------------------------------
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    is_main = accelerator.is_main_process
+    run_dir = Path(config.output_dir)
+    saved = load_checkpoint(resume) if resume is not None else None
+    if saved is None and list_checkpoints(run_dir):
+        raise ValueError(
+            f"{run_dir} already holds checkpoints; pass --resume {run_dir} to continue that run "
+            "or choose another --output-dir"
+        )
+    if saved is not None and saved.config.get("teacher") and saved.state.config_hash != config.config_hash():
+        log.warning(
+            "config differs from the checkpoint's (hash %s vs %s); the continuation will not match an uninterrupted run",
+            config.config_hash(),
+            saved.state.config_hash,
+        )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
+
+    # --- teacher, prompts, embeddings, the LoRA student --------------------------------------------
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
+    teacher = load_teacher(
+        config.teacher,
+        tokenizer_path=config.tokenizer_path,
+        comfyui_root=config.comfyui_root,
+        dtype=weight_dtype,
+        device=accelerator.device,
+    )
+    prompts = read_prompts(config.prompts)
+    if not prompts:
+        raise ValueError(f"no prompts found in {config.prompts}; give a text file with one prompt a line")
+    embeddings = EmbeddingCache(teacher, prompts)
+    unet = teacher.unet
+    params = attach_lora(
+        unet,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        targets=config.lora_targets,
+        weight_dtype=weight_dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    ema = LoraEMA(unet, config.ema_decay) if config.ema_decay is not None else None
+    state = TrainState(0, 0, 0, 0, teacher.family, len(prompts), 0, config.config_hash())
+    if saved is not None:
+        load_lora_state_dict(unet, saved.lora)
+        if ema is not None and saved.ema is not None:
+            ema.load_state_dict(saved.ema)
+        state = saved.state
+        state.config_hash = config.config_hash()
+        restore_rng(saved.rng)
+        log.info("resuming from %s at global step %d", saved.path, state.global_step)
+    model = accelerator.prepare_model(unet)
+    batch, processes, accumulation = (
+        config.batch_size,
+        accelerator.num_processes,
+        config.gradient_accumulation,
+    )
+    global_batch = batch * processes * accumulation
+    log.info(
+        "teacher %s (%s), %d prompts, LoRA rank %d alpha %g (scale %g), %d trainable parameters, %s precision",
+        config.teacher,
+        teacher.family,
+        len(prompts),
+        config.lora_rank,
+        config.lora_alpha,
+        config.lora_alpha / config.lora_rank,
+        sum(p.numel() for p in params),
+        mixed_precision,
+    )
+    log.info(
+        "effective batch = %d per device x %d processes x %d accumulation = %d samples per optimizer step",
+        batch,
+        processes,
+        accumulation,
+        global_batch,
+    )
+
+    # --- eps functions: one UNet, three roles -------------------------------------------------------
+    timer = StepTimer(profile, accelerator.device)
+    alphas_cumprod = teacher.alphas_cumprod.to(accelerator.device)
+
+    def call_unet(module: torch.nn.Module, z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with accelerator.autocast():
+            return module(z, t, **cond.unet_kwargs(), return_dict=False)[0].float()
+
+    def student_eps(z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        return call_unet(model, z, t, cond)
+
+    def target_eps(z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with torch.no_grad(), ema.applied() if ema is not None else contextlib.nullcontext():
+            return call_unet(unet, z, t, cond)
+
+    def teacher_eps(z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with torch.no_grad(), adapters_disabled(unet):
+            return call_unet(unet, z, t, cond)
+
+    uncond_one = teacher.uncond(1).to(accelerator.device)
+    latent_shape = tuple(teacher.latent_shape(1, config.resolution))[1:]
+    feature_fn = _load_feature_fn(config, accelerator.device)
+    trajectories = _open_trajectories(config, teacher.family, latent_shape)
+
+    # --- the phases ------------------------------------------------------------------------------------
+    losses: list[float] = []
+    last_checkpoint = saved.path if saved is not None else None
+
+    def checkpoint(optimizer: torch.optim.Optimizer | None) -> None:
+        nonlocal last_checkpoint
+        if is_main:
+            last_checkpoint = save_checkpoint(
+                run_dir,
+                state=state,
+                config=config.to_dict(),
+                lora=lora_state_dict(unet),
+                optimizer=optimizer.state_dict() if optimizer is not None else {},
+                rng=capture_rng(),
+                ema=ema.state_dict() if ema is not None else None,
+            )
+            prune_checkpoints(run_dir, config.checkpoints_keep)
+            log.info("checkpoint %s", last_checkpoint)
+        accelerator.wait_for_everyone()
+
+    writer = _tensorboard_writer(config, run_dir) if is_main else None
+    metrics_path = run_dir / "metrics.jsonl"
+    phases = config.phases()
+    for phase_index, (segments, stage) in enumerate(phases):
+        if phase_index < state.phase:
+            continue
+        steps = config.phase_steps(stage)
+        settings = DistillSettings(
+            segments=segments,
+            skip=config.skip,
+            guidance_scale=config.guidance_scale,
+            loss_type=config.loss_type,
+            huber_c=config.huber_c,
+            num_train_timesteps=len(alphas_cumprod),
+        )
+        boundaries = segment_boundaries(segments, len(alphas_cumprod))
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=config.phase_lr(stage),
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_eps,
+        )
+        if saved is not None and saved.state.phase == phase_index and saved.state.phase_step > 0:
+            optimizer.load_state_dict(saved.optimizer)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        order = PromptOrder(len(prompts), config.seed, phase_index)
+        log.info(
+            "phase %d/%d: stage %d, %d segments, %d steps",
+            phase_index + 1,
+            len(phases),
+            stage,
+            segments,
+            steps,
+        )
+        progress = _progress(steps, state.phase_step, f"stage {stage} M={segments}", disable=not is_main)
+
+        while state.phase_step < steps:
+            if stop_after is not None and state.global_step >= stop_after:
+                checkpoint(optimizer)
+                progress.close()
+                return TrainResult(run_dir, state, last_checkpoint, [], losses, dict(timer.seconds))
+            step_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=accelerator.device)
+            skipped = False
+            step_stats: dict[str, float] = {}
+            for micro in range(accumulation):
+                first = (
+                    state.phase_step * global_batch
+                    + micro * batch * processes
+                    + accelerator.process_index * batch
+                )
+                samples = range(first, first + batch)
+                sync = micro == accumulation - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    prompt_ids = [order(i) for i in samples]
+                    cond = embeddings.get(prompt_ids).to(accelerator.device)
+                    uncond = uncond_one.repeat(batch)
+                    generators = [sample_generator(config, phase_index, i) for i in samples]
+                    if stage == 1:
+                        segment, t_m, t_n, lo = (
+                            torch.cat(parts).to(accelerator.device)
+                            for parts in zip(
+                                *(sample_stage1_timesteps(1, boundaries, config.skip, g) for g in generators)
+                            )
+                        )
+                        if trajectories is not None:
+                            z_tm = trajectories.states(samples, segments, t_m, lo).to(accelerator.device)
+                        else:
+                            noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+                            with timer.charge("teacher_trajectory"):
+                                z_tm = mds_states(
+                                    teacher_eps,
+                                    noise.to(accelerator.device),
+                                    t_m,
+                                    segment,
+                                    cond,
+                                    uncond,
+                                    settings=settings,
+                                    alphas_cumprod=alphas_cumprod,
+                                    boundaries=boundaries,
+                                )
+                        loss, stats = stage1_loss(
+                            _timed(timer, "student_forward_backward", student_eps),
+                            _timed(timer, "teacher_target", target_eps),
+                            _timed(timer, "teacher_target", teacher_eps),
+                            z_tm,
+                            t_m,
+                            t_n,
+                            lo,
+                            cond,
+                            uncond,
+                            settings=settings,
+                            alphas_cumprod=alphas_cumprod,
+                            feature_fn=feature_fn,
+                        )
+                    else:
+                        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+                        stage2_gen = torch.Generator(accelerator.device).manual_seed(
+                            derive_seed(config.seed, "stage2", phase_index, state.phase_step, micro, first)
+                        )
+                        loss, stats = stage2_loss(
+                            _timed(timer, "student_forward_backward", student_eps),
+                            _timed(timer, "teacher_target", target_eps),
+                            _timed(timer, "teacher_target", teacher_eps),
+                            noise.to(accelerator.device),
+                            cond,
+                            uncond,
+                            settings=settings,
+                            alphas_cumprod=alphas_cumprod,
+                            boundaries=boundaries,
+                            q=config.stage2_q,
+                            p=config.stage2_p,
+                            renoise=config.stage2_renoise,
+                            generator=stage2_gen,
+                            feature_fn=feature_fn,
+                        )
+                    if loss_hook is not None:
+                        loss = loss_hook(state.global_step, loss)
+                    # All processes must agree to skip, or DDP would wait forever for the others' gradients.
+                    bad = accelerator.reduce(
+                        torch.isfinite(loss.detach()).logical_not().float().reshape(1), "sum"
+                    )
+                    if bad.item() > 0:
+                        skipped = True
+                        break
+                    loss_sum += loss.detach().float()
+                    step_stats = stats
+                    with timer.charge("student_forward_backward"):
+                        accelerator.backward(loss / accumulation)
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+                state.nan_streak += 1
+                losses.append(math.nan)
+                log.warning(
+                    "non-finite loss at global step %d; skipped the update (%d in a row)",
+                    state.global_step,
+                    state.nan_streak,
+                )
+                if state.nan_streak >= config.nan_patience:
+                    raise NonFiniteLossError(
+                        f"the loss was NaN/inf for {state.nan_streak} steps in a row (up to global step "
+                        f"{state.global_step}); likely causes: fp16 overflow (use --mixed-precision bf16 or no), "
+                        f"a learning rate too high (now {config.phase_lr(stage):g}), a teacher checkpoint with "
+                        "NaN weights, or an SDXL VAE/teacher run in fp16. The last good checkpoint is in "
+                        f"{run_dir / 'checkpoints'}"
+                    )
+            else:
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
+                state.nan_streak = 0
+                losses.append(accelerator.reduce(loss_sum, "mean").item() / accumulation)
+            timer.seconds["total"] += time.perf_counter() - step_start
+            state.phase_step += 1
+            state.global_step += 1
+            state.cursor = state.phase_step * global_batch
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4g}")
+            if is_main and (state.global_step % config.log_every == 0 or state.phase_step == steps):
+                row = {
+                    "global_step": state.global_step,
+                    "phase": phase_index,
+                    "stage": stage,
+                    "segments": segments,
+                    "loss": losses[-1],
+                    "lr": config.phase_lr(stage),
+                    **{k: v for k, v in step_stats.items() if k != "loss"},
+                }
+                with open(metrics_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                if writer is not None:
+                    for key, value in row.items():
+                        if key not in ("global_step", "phase"):
+                            writer.add_scalar(f"train/{key}", value, state.global_step)
+            if state.global_step % config.checkpoint_every == 0 and state.phase_step < steps:
+                checkpoint(optimizer)
+            if is_main and config.sample_every and state.global_step % config.sample_every == 0:
+                _write_samples(
+                    config, teacher, embeddings, target_eps, segments, alphas_cumprod, run_dir, state
+                )
+        progress.close()
+        state.phase += 1
+        state.phase_step = 0
+        state.cursor = 0
+        checkpoint(None)  # phase boundary: the next phase starts with a fresh optimizer
+
+    exported: list[Path] = []
+    if is_main:
+        exported = export_lora(lora_state_dict(unet), config, state, run_dir / "export")
+        for path in exported:
+            log.info("exported %s", path)
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, state, last_checkpoint, exported, losses, dict(timer.seconds))
+
+
+def _timed(timer: StepTimer, label: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def wrapped(*args: Any) -> Tensor:
+        with timer.charge(label):
+            return fn(*args)
+
+    return wrapped
+
+
+def _progress(total: int, initial: int, desc: str, disable: bool):
+    from tqdm.auto import tqdm
+
+    # tqdm shows it/s and the ETA itself; the loss goes in the postfix.
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
+
+
+def _tensorboard_writer(config: DistillConfig, run_dir: Path):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning(
+            "--tensorboard was given but the tensorboard package is not installed; "
+            "`pip install tensorboard` to get logs in %s/tensorboard (metrics.jsonl is written regardless)",
+            run_dir,
+        )
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _load_feature_fn(config: DistillConfig, device: torch.device):
+    if config.lpips_path is None:
+        return None
+    from .lpips import load_latent_lpips
+
+    return load_latent_lpips(config.lpips_path, device=device)
+
+
+def _open_trajectories(config: DistillConfig, family: str, latent_shape: tuple[int, ...]):
+    if config.trajectories is None:
+        return None
+    from .trajectories import TrajectoryDataset
+
+    return TrajectoryDataset(config.trajectories)
+
+
+def _write_samples(
+    config: DistillConfig,
+    teacher: Any,
+    embeddings: Any,
+    eps_fn: Callable[..., Tensor],
+    segments: int,
+    alphas_cumprod: Tensor,
+    run_dir: Path,
+    state: TrainState,
+) -> None:
+    from .sample_grid import render_sample_grid
+
+    count = min(config.sample_prompts, state.prompt_count)
+    cond = embeddings.get(list(range(count))).to(alphas_cumprod.device)
+    shape = tuple(teacher.latent_shape(count, config.resolution))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(alphas_cumprod.device)
+    steps = [s for s in config.sample_steps if s <= segments]
+    path = run_dir / "samples" / f"step-{state.global_step:07d}.png"
+    render_sample_grid(
+        eps_fn,
+        teacher.vae,
+        cond,
+        noise,
+        step_counts=steps,
+        segments=segments,
+        alphas_cumprod=alphas_cumprod,
+        path=path,
+        seed=config.seed,
+    )
+    log.info("sample grid %s (rows: prompts, columns: %s steps)", path, steps)

@@ -1,0 +1,125 @@
+"""Export: the trained LoRA applies at the trained scale in our reader, PEFT's merge and diffusers' loader."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import build_tiny_sd15
+
+from mlcm.lora import kohya_name, read_lora
+from mlcm_train.checkpoint import TrainState
+from mlcm_train.config import LORA_TARGET_MODULES, DistillConfig
+from mlcm_train.export import export_lora
+from mlcm_train.student import adapters_disabled, attach_lora, lora_parameters, lora_state_dict
+
+RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: scale 0.5 must survive every format
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny SD1.5 UNet with a LoRA whose B weights are random (as after training), plus its base copy."""
+    pipe = build_tiny_sd15()
+    base = copy.deepcopy(pipe.unet)
+    unet = pipe.unet
+    attach_lora(unet, rank=RANK, alpha=ALPHA, targets=LORA_TARGET_MODULES)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in lora_parameters(unet):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    config = DistillConfig(
+        teacher="t", prompts="p", lora_rank=RANK, lora_alpha=ALPHA, segments=8, stages=(1,)
+    )
+    state = TrainState(global_step=7, phase=1, phase_step=0, cursor=0, family="sd15", prompt_count=3)
+    return pipe, base, unet, config, state
+
+
+def _peft_deltas(base: torch.nn.Module, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Effective weight change per targeted module, from PEFT's own merge (get_delta_weight)."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[name] = module.get_delta_weight("default").float()
+    assert deltas
+    return deltas
+
+
+def test_kohya_export_reads_back_with_trained_scale_and_metadata(trained, tmp_path):
+    _, base, unet, config, state = trained
+    (path,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
+    lora = read_lora(path)
+    deltas = _peft_deltas(base, unet)
+    assert set(lora.modules) == {kohya_name(name) for name in deltas}
+    for name, delta in deltas.items():
+        module = lora.modules[kohya_name(name)]
+        assert module.alpha == ALPHA
+        torch.testing.assert_close(module.delta(), delta, atol=2e-4, rtol=2e-3)  # fp16 storage
+    meta = lora.metadata
+    assert meta.segments == 8 and meta.base_family == "sd15" and meta.stages == ("mlcd",)
+    assert meta.training["config_hash"] == config.config_hash()
+    assert meta.training["prompt_count"] == 3 and meta.training["global_step"] == 7
+    assert meta.training["lora_alpha"] == ALPHA and meta.training["config"]["lora_rank"] == RANK
+
+
+def test_peft_folder_export_reads_back(trained, tmp_path):
+    _, base, unet, config, state = trained
+    (folder,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["peft"])
+    lora = read_lora(folder)
+    for name, delta in _peft_deltas(base, unet).items():
+        torch.testing.assert_close(lora.modules[kohya_name(name)].delta(), delta, atol=1e-6, rtol=1e-5)
+
+
+def test_diffusers_file_loads_in_load_lora_weights_at_trained_scale(trained, tmp_path):
+    """diffusers' load_lora_weights on a fresh pipeline reproduces the student's output exactly."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe, _, unet, config, state = trained
+    (path,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["diffusers"])
+    fresh = build_tiny_sd15()
+    assert isinstance(fresh, StableDiffusionPipeline)
+    fresh.load_lora_weights(str(path.parent), weight_name=path.name)
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([999, 400])
+    text = torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        ours = unet(z, t, encoder_hidden_states=text).sample
+        theirs = fresh.unet(z, t, encoder_hidden_states=text).sample
+        with adapters_disabled(unet):
+            teacher = unet(z, t, encoder_hidden_states=text).sample
+    assert (ours - teacher).abs().max() > 1e-3  # the LoRA matters, so the comparison means something
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_only_lora_trainable_and_student_starts_at_teacher():
+    pipe = build_tiny_sd15()
+    unet = pipe.unet
+    params = attach_lora(unet, rank=RANK, alpha=ALPHA, targets=LORA_TARGET_MODULES)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params}
+    assert all(p.dtype == torch.float32 for p in params)
+    z, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        student = unet(z, t, encoder_hidden_states=text).sample
+        with adapters_disabled(unet):
+            teacher = unet(z, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(student, teacher)  # B = 0 at init
+
+
+def test_lora_stays_fp32_over_bf16_base():
+    unet = build_tiny_sd15().unet
+    params = attach_lora(
+        unet, rank=RANK, alpha=ALPHA, targets=LORA_TARGET_MODULES, weight_dtype=torch.bfloat16
+    )
+    assert all(p.dtype == torch.float32 for p in params)
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+
+
+def test_bad_export_format_is_rejected(trained, tmp_path):
+    _, _, unet, config, state = trained
+    with pytest.raises(ValueError, match="unknown"):
+        export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["ckpt"])
