@@ -1,0 +1,161 @@
+"""The example workflows against a real ComfyUI: converted with ComfyUI's own node definitions, then validated.
+
+The widget order comes from each node's INPUT_TYPES (after the pack is loaded the way ComfyUI loads it),
+and ``execution.validate_prompt`` checks every value, combo choice and link type, exactly as
+``POST /prompt`` does before queueing. Model lists are served from temporary folders holding empty files
+with the names the workflows use: validation only checks that a name is listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("MLCM_COMFYUI_PATH")
+if not COMFYUI_PATH:
+    pytest.skip(
+        "set MLCM_COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI tier", allow_module_level=True
+    )
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.comfyui
+
+
+def _load_structure_tests():
+    """tests/test_workflows.py by path: the name ``tests`` may be taken by ComfyUI's own test package."""
+    path = PACK_ROOT / "tests" / "test_workflows.py"
+    spec = importlib.util.spec_from_file_location("mlcm_workflow_structure", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+structure = _load_structure_tests()
+# Widget types the editor draws as a widget (anything else is a socket), per ComfyUI's frontend.
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+# INT inputs with these names get a control_after_generate value even without the option (frontend rule).
+SEED_NAMES = frozenset({"seed", "noise_seed"})
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "animated_image_upload")
+
+
+def widget_names_from_input_types(input_types: dict) -> list[str | None]:
+    """Names of a node's widgets_values entries, from its INPUT_TYPES; None for frontend-only values."""
+    names: list[str | None] = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            kind = spec[0]
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            is_combo = isinstance(kind, (list, tuple)) or kind == "COMBO"
+            if not (is_combo or kind in WIDGET_TYPES) or options.get("forceInput"):
+                continue
+            names.append(name)
+            if options.get("control_after_generate") or (kind == "INT" and name in SEED_NAMES):
+                names.append(None)  # the "fixed"/"randomize" choice
+            if any(options.get(option) for option in UPLOAD_OPTIONS):
+                names.append(None)  # the upload button's value
+    return names
+
+
+@pytest.fixture(scope="module")
+def comfy() -> Iterator[tuple]:
+    """ComfyUI's ``nodes``, ``execution`` and ``folder_paths`` with core extras and this pack loaded."""
+    if COMFYUI_PATH not in sys.path:
+        # First on the path: ComfyUI's top-level ``nodes`` module must win over this pack's ``nodes/``.
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
+    import execution
+    import folder_paths
+
+    import nodes
+
+    if "SamplerCustom" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if "MLCMSampler" not in nodes.NODE_CLASS_MAPPINGS:
+        assert asyncio.run(nodes.load_custom_node(str(PACK_ROOT))), "the pack failed to load; see the log"
+    yield nodes, execution, folder_paths
+
+
+@pytest.fixture(scope="module")
+def model_files(comfy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Empty files named as in the workflows, in temporary checkpoints/loras/input folders."""
+    nodes, _, folder_paths = comfy
+    root = tmp_path_factory.mktemp("comfy_models")
+    wanted: dict[str, set[str]] = {"checkpoints": set(), "loras": set(), "input": set()}
+    for name in structure.WORKFLOW_NAMES:
+        workflow = structure.load_workflow(name)
+        for node in structure.nodes_of(workflow, "CheckpointLoaderSimple"):
+            wanted["checkpoints"].add(structure.widgets(node)["ckpt_name"])
+        for node_type in ("MLCMLoraLoader", "LoraLoaderModelOnly"):
+            for node in structure.nodes_of(workflow, node_type):
+                wanted["loras"].add(structure.widgets(node)["lora_name"])
+        for node in structure.nodes_of(workflow, "LoadImage"):
+            wanted["input"].add(structure.widgets(node)["image"])
+    for folder, names in wanted.items():
+        for name in names:
+            path = root / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+            if path.name == "adapter_model.safetensors":  # a PEFT folder carries its config beside it
+                (path.parent / "adapter_config.json").write_text("{}")
+    added = [(folder, str(root / folder)) for folder in ("checkpoints", "loras")]
+    for folder, path in added:
+        folder_paths.add_model_folder_path(folder, path)
+    previous_input = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(root / "input"))
+    yield
+    folder_paths.set_input_directory(previous_input)
+    for folder, path in added:
+        folder_paths.folder_names_and_paths[folder][0].remove(path)
+
+
+def test_pack_nodes_have_the_documented_widgets(comfy) -> None:
+    """The hand-written schema table in test_workflows.py agrees with the nodes ComfyUI loaded."""
+    nodes, _, _ = comfy
+    for node_type in ("MLCMLoraLoader", "MLCMSegmentSchedule", "MLCMSampler"):
+        input_types = nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+        assert tuple(widget_names_from_input_types(input_types)) == structure.SCHEMAS[node_type].widgets
+
+
+@pytest.mark.parametrize("name", structure.WORKFLOW_NAMES)
+def test_schema_table_matches_comfyui(comfy, name: str) -> None:
+    """Sockets and widget order of every node type a workflow uses, as ComfyUI itself defines them."""
+    nodes, _, _ = comfy
+    for node_type in {node["type"] for node in structure.load_workflow(name)["nodes"]}:
+        if node_type in structure.FRONTEND_ONLY_TYPES:
+            continue
+        node_class = nodes.NODE_CLASS_MAPPINGS[node_type]
+        input_types = node_class.INPUT_TYPES()
+        schema = structure.SCHEMAS[node_type]
+        assert tuple(widget_names_from_input_types(input_types)) == schema.widgets, node_type
+        sockets = [name for name in input_types["required"] if name not in schema.widgets]
+        assert sockets == [name for name, _ in schema.inputs], node_type
+        assert tuple(node_class.RETURN_TYPES) == tuple(kind for _, kind in schema.outputs), node_type
+
+
+@pytest.mark.parametrize("name", structure.WORKFLOW_NAMES)
+def test_workflow_validates(comfy, model_files, name: str) -> None:
+    """What POST /prompt would answer: every output valid, no node errors."""
+    nodes, execution, _ = comfy
+
+    def widget_names(node_type: str) -> list[str | None]:
+        return widget_names_from_input_types(nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES())
+
+    prompt = structure.ui_to_api(structure.load_workflow(name), widget_names)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(name, prompt, None))
+    assert node_errors == {}
+    assert valid is True, error
+    expected_outputs = {
+        node_id
+        for node_id, entry in prompt.items()
+        if getattr(nodes.NODE_CLASS_MAPPINGS[entry["class_type"]], "OUTPUT_NODE", False)
+    }
+    assert set(outputs) == expected_outputs
