@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-COMFYUI_PATH = os.environ.get("MLCM_COMFYUI_PATH")
-if not COMFYUI_PATH:
-    pytest.skip(
-        "set MLCM_COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI tier", allow_module_level=True
-    )
-
-PACK_ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.comfyui
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_structure_tests():
     """tests/test_workflows.py by path: the name ``tests`` may be taken by ComfyUI's own test package."""
-    path = PACK_ROOT / "tests" / "test_workflows.py"
+    path = REPO_ROOT / "tests" / "test_workflows.py"
     spec = importlib.util.spec_from_file_location("mlcm_workflow_structure", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -43,6 +35,7 @@ WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 # INT inputs with these names get a control_after_generate value even without the option (frontend rule).
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "animated_image_upload")
+MODEL_FOLDERS = ("checkpoints", "loras")
 
 
 def widget_names_from_input_types(input_types: dict) -> list[str | None]:
@@ -64,30 +57,20 @@ def widget_names_from_input_types(input_types: dict) -> list[str | None]:
 
 
 @pytest.fixture(scope="module")
-def comfy() -> Iterator[tuple]:
-    """ComfyUI's ``nodes``, ``execution`` and ``folder_paths`` with core extras and this pack loaded."""
-    if COMFYUI_PATH not in sys.path:
-        # First on the path: ComfyUI's top-level ``nodes`` module must win over this pack's ``nodes/``.
-        sys.path.insert(0, COMFYUI_PATH)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: no CUDA here
-    import execution
-    import folder_paths
-
+def node_types(comfyui: Path, node_classes: dict[str, type]) -> dict[str, type]:
+    """ComfyUI's NODE_CLASS_MAPPINGS with the core extras (SamplerCustom, PreviewAny) and this pack loaded."""
     import nodes
 
     if "SamplerCustom" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if "MLCMSampler" not in nodes.NODE_CLASS_MAPPINGS:
-        assert asyncio.run(nodes.load_custom_node(str(PACK_ROOT))), "the pack failed to load; see the log"
-    yield nodes, execution, folder_paths
+    return nodes.NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture(scope="module")
-def model_files(comfy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Empty files named as in the workflows, in temporary checkpoints/loras/input folders."""
-    nodes, _, folder_paths = comfy
+def model_files(comfyui: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Empty files named as in the workflows, served as ComfyUI's only checkpoints/loras/input folders."""
+    import folder_paths
+
     root = tmp_path_factory.mktemp("comfy_models")
     wanted: dict[str, set[str]] = {"checkpoints": set(), "loras": set(), "input": set()}
     for name in structure.WORKFLOW_NAMES:
@@ -106,33 +89,29 @@ def model_files(comfy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
             path.write_bytes(b"")
             if path.name == "adapter_model.safetensors":  # a PEFT folder carries its config beside it
                 (path.parent / "adapter_config.json").write_text("{}")
-    added = [(folder, str(root / folder)) for folder in ("checkpoints", "loras")]
-    for folder, path in added:
-        folder_paths.add_model_folder_path(folder, path)
-    previous_input = folder_paths.get_input_directory()
-    folder_paths.set_input_directory(str(root / "input"))
-    yield
-    folder_paths.set_input_directory(previous_input)
-    for folder, path in added:
-        folder_paths.folder_names_and_paths[folder][0].remove(path)
+    with pytest.MonkeyPatch.context() as patch:
+        for folder in MODEL_FOLDERS:
+            _, extensions = folder_paths.folder_names_and_paths[folder]
+            patch.setitem(folder_paths.folder_names_and_paths, folder, ([str(root / folder)], extensions))
+        patch.setattr(folder_paths, "filename_list_cache", {})
+        patch.setattr(folder_paths, "input_directory", str(root / "input"))
+        yield
 
 
-def test_pack_nodes_have_the_documented_widgets(comfy) -> None:
+def test_pack_nodes_have_the_documented_widgets(node_classes: dict[str, type]) -> None:
     """The hand-written schema table in test_workflows.py agrees with the nodes ComfyUI loaded."""
-    nodes, _, _ = comfy
-    for node_type in ("MLCMLoraLoader", "MLCMSegmentSchedule", "MLCMSampler"):
-        input_types = nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    for node_type, node_class in node_classes.items():
+        input_types = node_class.INPUT_TYPES()
         assert tuple(widget_names_from_input_types(input_types)) == structure.SCHEMAS[node_type].widgets
 
 
 @pytest.mark.parametrize("name", structure.WORKFLOW_NAMES)
-def test_schema_table_matches_comfyui(comfy, name: str) -> None:
+def test_schema_table_matches_comfyui(node_types: dict[str, type], name: str) -> None:
     """Sockets and widget order of every node type a workflow uses, as ComfyUI itself defines them."""
-    nodes, _, _ = comfy
     for node_type in {node["type"] for node in structure.load_workflow(name)["nodes"]}:
         if node_type in structure.FRONTEND_ONLY_TYPES:
             continue
-        node_class = nodes.NODE_CLASS_MAPPINGS[node_type]
+        node_class = node_types[node_type]
         input_types = node_class.INPUT_TYPES()
         schema = structure.SCHEMAS[node_type]
         assert tuple(widget_names_from_input_types(input_types)) == schema.widgets, node_type
@@ -142,12 +121,12 @@ def test_schema_table_matches_comfyui(comfy, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", structure.WORKFLOW_NAMES)
-def test_workflow_validates(comfy, model_files, name: str) -> None:
+def test_workflow_validates(node_types: dict[str, type], model_files: None, name: str) -> None:
     """What POST /prompt would answer: every output valid, no node errors."""
-    nodes, execution, _ = comfy
+    import execution
 
     def widget_names(node_type: str) -> list[str | None]:
-        return widget_names_from_input_types(nodes.NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES())
+        return widget_names_from_input_types(node_types[node_type].INPUT_TYPES())
 
     prompt = structure.ui_to_api(structure.load_workflow(name), widget_names)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(name, prompt, None))
@@ -156,6 +135,6 @@ def test_workflow_validates(comfy, model_files, name: str) -> None:
     expected_outputs = {
         node_id
         for node_id, entry in prompt.items()
-        if getattr(nodes.NODE_CLASS_MAPPINGS[entry["class_type"]], "OUTPUT_NODE", False)
+        if getattr(node_types[entry["class_type"]], "OUTPUT_NODE", False)
     }
     assert set(outputs) == expected_outputs
