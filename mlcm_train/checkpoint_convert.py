@@ -298,7 +298,7 @@ def open_clip_from_ldm(
 
 def _take(checkpoint: Mapping[str, Tensor], key: str, component: str) -> Tensor:
     if key not in checkpoint:
-        raise KeyError(
+        raise ValueError(
             f"the checkpoint has no {key!r} needed by the {component}; the file is truncated or its model "
             "does not match the config it is being loaded with (pass a config folder that describes it)"
         )
