@@ -73,23 +73,22 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         for name in PEFT_WEIGHT_NAMES:
             if (path / name).is_file():
-                return path / name, _find_config(path, ())
+                return path / name, _find_config(path, PEFT_CONFIG_NAMES)
         contents = sorted(child.name for child in path.iterdir())[:10]
         raise FileNotFoundError(
             f"{path} is a folder but has no {' or '.join(PEFT_WEIGHT_NAMES)} (the files PEFT's save_pretrained "
             f"writes); it contains {contents or 'nothing'}. Choose the LoRA .safetensors file itself or a PEFT "
             "adapter folder"
         )
-    # A PEFT folder listed by ComfyUI shows up as `<folder>/adapter_model.safetensors`: its config is a sibling.
-    extra = (f"{path.stem}_adapter_config.json",)
-    return path, _find_config(path.parent, extra) if path.stem == "adapter_model" else _find_config(
-        path.parent, extra, only_extra=True
-    )
+    own_config = f"{path.stem}_adapter_config.json"
+    # ComfyUI lists a PEFT folder as `<folder>/adapter_model.safetensors`, so its config is a sibling. Any
+    # other file only gets a config named after it: a shared loras folder may hold a stranger's config.
+    names = (*PEFT_CONFIG_NAMES, own_config) if path.stem == "adapter_model" else (own_config,)
+    return path, _find_config(path.parent, names)
 
 
-def _find_config(folder: Path, extra: tuple[str, ...], *, only_extra: bool = False) -> Path | None:
-    """The first existing PEFT config in `folder`."""
-    names = extra if only_extra else (*PEFT_CONFIG_NAMES, *extra)
+def _find_config(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` that exists in `folder`."""
     for name in names:
         if (folder / name).is_file():
             return folder / name
@@ -164,49 +163,24 @@ def _alpha_rule(
 ) -> tuple[AlphaRule, str]:
     """How each module's alpha is chosen, and a sentence saying so (override > file > config > default)."""
     if alpha_override is not None:
-        if not (math.isfinite(alpha_override) and alpha_override > 0):
-            raise ValueError(
-                f"alpha_override={alpha_override} must be a positive finite number (the LoRA's lora_alpha)"
-            )
-        ranks = sorted({int(roles["down"].shape[0]) for roles in grouped.tensors.values() if "down" in roles})
-        scales = ", ".join(f"{alpha_override:g}/{rank} = {alpha_override / rank:g}" for rank in ranks)
-        return (
-            lambda _m, _r, _a: float(alpha_override)
-        ), f"alpha_override={alpha_override:g}: scale {scales}"
-
+        return _override_rule(grouped, alpha_override)
     with_alpha = sum(ROLE_ALPHA in roles for roles in grouped.tensors.values())
     total = len(grouped.tensors)
     if grouped.source_format == "kohya":
         if with_alpha == total:
-            return _file_alpha_or(
-                lambda _m, rank: float(rank)
-            ), "kohya .alpha tensors in the file (scale alpha/rank)"
-        return _file_alpha_or(lambda _m, rank: float(rank)), (
-            f"kohya .alpha tensors for {with_alpha}/{total} modules; the other {total - with_alpha} have no .alpha "
-            "so alpha = rank (scale 1.0), as kohya and ComfyUI do"
-        )
+            source = "kohya .alpha tensors in the file (scale alpha/rank)"
+        else:
+            source = (
+                f"kohya .alpha tensors for {with_alpha}/{total} modules; the other {total - with_alpha} have no "
+                ".alpha so alpha = rank (scale 1.0), as kohya and ComfyUI do"
+            )
+        return _file_alpha_or(_alpha_equals_rank), source
 
-    scaling = None
-    if config_path is not None:
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(
-                f"{config_path} is not a readable JSON adapter config ({error}); re-download it"
-            ) from error
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object (a PEFT LoraConfig)")
-        scaling = PeftScaling.from_config(config, source=config_path.name)
-    else:
-        config = _diffusers_adapter_config(header, origin)
-        if config is not None:
-            scaling = PeftScaling.from_config(config, source=f"header {DIFFUSERS_ADAPTER_METADATA_KEY}")
-
+    scaling = _peft_scaling(config_path, header, origin)
     if scaling is not None:
-        rule = _file_alpha_or(scaling.alpha_for)
-        source = scaling.describe()
+        rule, source = _file_alpha_or(scaling.alpha_for), scaling.describe()
     elif grouped.source_format == "peft":
-        rule = _file_alpha_or(lambda _m, _rank: PEFT_DEFAULT_LORA_ALPHA)
+        rule = _file_alpha_or(lambda _module, _rank: PEFT_DEFAULT_LORA_ALPHA)
         source = (
             f"no adapter config found: assumed PEFT's default lora_alpha={PEFT_DEFAULT_LORA_ALPHA:g} "
             f"(scale {PEFT_DEFAULT_LORA_ALPHA:g}/r, 0.125 at r=64 as in the official MLCM release)"
@@ -221,15 +195,52 @@ def _alpha_rule(
             PEFT_DEFAULT_LORA_ALPHA,
         )
     else:
-        rule = _file_alpha_or(lambda _m, rank: float(rank))
+        rule = _file_alpha_or(_alpha_equals_rank)
         source = "no alpha in the file or its metadata: diffusers convention alpha = rank (scale 1.0)"
     if with_alpha:
         source = f".alpha tensors in the file for {with_alpha}/{total} modules; otherwise {source}"
     return rule, source
 
 
+def _override_rule(grouped: GroupedKeys, alpha_override: float) -> tuple[AlphaRule, str]:
+    """Every module gets alpha = alpha_override, whatever the file or its config say."""
+    if not (math.isfinite(alpha_override) and alpha_override > 0):
+        raise ValueError(
+            f"alpha_override={alpha_override} must be a positive finite number (the LoRA's lora_alpha)"
+        )
+    ranks = sorted({int(roles["down"].shape[0]) for roles in grouped.tensors.values() if "down" in roles})
+    scales = ", ".join(f"{alpha_override:g}/{rank} = {alpha_override / rank:g}" for rank in ranks)
+    alpha = float(alpha_override)
+    return (lambda _module, _rank, _in_file: alpha), f"alpha_override={alpha_override:g}: scale {scales}"
+
+
+def _peft_scaling(config_path: Path | None, header: dict[str, str], origin: str) -> PeftScaling | None:
+    """The LoraConfig from the adapter config file, else from diffusers' header metadata, else None."""
+    if config_path is None:
+        config = _diffusers_adapter_config(header, origin)
+        if config is None:
+            return None
+        return PeftScaling.from_config(config, source=f"header {DIFFUSERS_ADAPTER_METADATA_KEY}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{config_path} is not a readable JSON adapter config ({error}); re-download it"
+        ) from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object (a PEFT LoraConfig)")
+    return PeftScaling.from_config(config, source=config_path.name)
+
+
+def _alpha_equals_rank(_module: str, rank: int) -> float:
+    """kohya/ComfyUI/diffusers convention when a file has no alpha: scale 1.0."""
+    return float(rank)
+
+
 def _file_alpha_or(fallback: Callable[[str, int], float]) -> AlphaRule:
     """Use the module's alpha tensor when the file has one, else `fallback(module, rank)`."""
-    return lambda module, rank, alpha_in_file: (
-        alpha_in_file if alpha_in_file is not None else fallback(module, rank)
-    )
+
+    def rule(module: str, rank: int, alpha_in_file: float | None) -> float:
+        return alpha_in_file if alpha_in_file is not None else fallback(module, rank)
+
+    return rule
