@@ -69,7 +69,7 @@ def test_random_bytes_are_reported_as_corrupt(tmp_path: Path) -> None:
 
 def test_config_rank_that_disagrees_with_the_weights(tmp_path: Path) -> None:
     folder = _peft_folder(tmp_path / "a", config_r=64, rank=4)
-    with pytest.raises(ValueError, match=r"rank 4 but adapter_config\.json says r=64.*alpha_override"):
+    with pytest.raises(ValueError, match=r"has rank 4 but adapter_config\.json says r=64.*alpha_override"):
         read_lora(folder)
     # The override is the documented escape hatch.
     assert read_lora(folder, alpha_override=8).modules["lora_unet_" + CONV1.replace(".", "_")].scale == 2.0
@@ -125,6 +125,10 @@ def test_mixed_layouts_missing_halves_and_unsupported_adapters(tmp_path: Path) -
     save_file(tucker, str(tmp_path / "tucker.safetensors"))
     with pytest.raises(ValueError, match=r"lora_mid.*not supported|only plain down/up"):
         read_lora(tmp_path / "tucker.safetensors")
+
+    save_file({"lora_unet_conv_in.hada_w1_a": torch.ones(4, 2)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(ValueError, match="LyCORIS"):
+        read_lora(tmp_path / "loha.safetensors")
 
     dora = {**_peft_tensors(), f"base_model.model.{CONV1}.lora_magnitude_vector": torch.ones(8)}
     save_file(dora, str(tmp_path / "dora.safetensors"))

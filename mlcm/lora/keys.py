@@ -75,7 +75,7 @@ _DIFFUSERS_DOWN_UP = re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.
 _DIFFUSERS_OLD = re.compile(r"^(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _DIFFUSERS_ALPHA = re.compile(r"^(.+)\.alpha$")
 _DORA_MARKERS = ("lora_magnitude_vector", "dora_scale")
-_LYCORIS_MARKERS = ("hada_w", "lokr_w", "oft_", "glora")
+_LYCORIS_MARKERS = (".hada_", ".lokr_", ".oft_", ".boft_")
 
 ROLE_DOWN = "down"
 ROLE_UP = "up"
@@ -142,9 +142,7 @@ def _unsupported_adapter(key: str) -> str | None:
             "re-export without the Tucker decomposition"
         )
     if any(marker in key for marker in _LYCORIS_MARKERS):
-        return (
-            f"{key!r} belongs to a LyCORIS adapter (LoHa/LoKr/OFT/GLoRA); only plain LoRA pairs are supported"
-        )
+        return f"{key!r} belongs to a LyCORIS adapter (LoHa/LoKr/OFT); only plain LoRA pairs are supported"
     if key.endswith((".lora_A.bias", ".lora_B.bias", ".lora_A.default.bias", ".lora_B.default.bias")):
         return f"{key!r} is a LoRA bias (PEFT lora_bias=True); only bias-free LoRA pairs are supported"
     return None

@@ -121,7 +121,11 @@ def build_modules(grouped: GroupedKeys, origin: str, alpha_for: AlphaRule) -> di
                 f"{origin}: modules {origins[name]!r} and {module!r} both map to kohya name {name!r}"
             )
         try:
-            modules[name] = LoraModule(down, up, alpha_for(module, int(down.shape[0]), alpha_in_file))
+            alpha = alpha_for(module, int(down.shape[0]), alpha_in_file)
+        except ValueError as error:
+            raise ValueError(f"{origin}: {error}") from error
+        try:
+            modules[name] = LoraModule(down, up, alpha)
         except ValueError as error:
             raise ValueError(f"{origin}: module {module!r}: {error}") from error
         origins[name] = module

@@ -81,7 +81,7 @@ class PeftScaling:
         if rank != expected:
             why = "rank_pattern" if expected != self.r else f"r={self.r}"
             raise ValueError(
-                f"{module_path}: lora_A has rank {rank} but {self.source} says {why} gives rank {expected}; "
+                f"{module_path}: lora_A (down) has rank {rank} but {self.source} says {why} gives rank {expected}; "
                 "the config does not belong to these weights. Use the config saved with this adapter, or pass "
                 "alpha_override=<lora_alpha> to ignore the config"
             )
