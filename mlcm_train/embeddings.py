@@ -26,14 +26,17 @@ FORMAT = "mlcm-embeddings-v1"
 class EmbeddingCache:
     """Each unique prompt's Conditioning, computed once with `teacher.encode_prompts`; `get` batches by index."""
 
-    def __init__(self, teacher, prompts: Sequence[str], *, batch_size: int = 16) -> None:
+    def __init__(
+        self, teacher, prompts: Sequence[str], *, batch_size: int = 16, resolution: int | None = None
+    ) -> None:
+        """`resolution`: image side for SDXL's time ids (default: the teacher's native resolution)."""
         if not prompts:
             raise ValueError("EmbeddingCache needs at least one prompt")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; use at least 1")
         unique = list(dict.fromkeys(prompts))  # first-appearance order, deterministic
         chunks = [
-            teacher.encode_prompts(unique[i : i + batch_size]).to(device="cpu")
+            teacher.encode_prompts(unique[i : i + batch_size], resolution=resolution).to(device="cpu")
             for i in range(0, len(unique), batch_size)
         ]
         self._init(
@@ -118,7 +121,13 @@ class EmbeddingCache:
 
     @classmethod
     def load_or_compute(
-        cls, path: str | os.PathLike, teacher, prompts: Sequence[str], *, batch_size: int = 16
+        cls,
+        path: str | os.PathLike,
+        teacher,
+        prompts: Sequence[str],
+        *,
+        batch_size: int = 16,
+        resolution: int | None = None,
     ) -> EmbeddingCache:
         """Reuse the cache at `path` when it matches the prompts and teacher family, else compute and save it."""
         path = Path(path)
@@ -128,9 +137,13 @@ class EmbeddingCache:
             except ValueError as exc:
                 logger.warning("recomputing text embeddings: %s", exc)
             else:
-                if cache.family == teacher.family and cache.source == teacher.source:
+                side = float(resolution if resolution is not None else teacher.resolution)
+                same_size = not cache._table.is_sdxl or bool((cache._table.time_ids[:, 4] == side).all())
+                if cache.family == teacher.family and cache.source == teacher.source and same_size:
                     return cache
-                logger.warning("recomputing text embeddings: %s was made with another teacher", path)
-        cache = cls(teacher, prompts, batch_size=batch_size)
+                logger.warning(
+                    "recomputing text embeddings: %s was made with another teacher or resolution", path
+                )
+        cache = cls(teacher, prompts, batch_size=batch_size, resolution=resolution)
         cache.save(path)
         return cache

@@ -71,6 +71,10 @@ def test_save_load_round_trip_and_prompt_check(teacher, tmp_path, monkeypatch):
     EmbeddingCache.load_or_compute(path, teacher, ["something new"])
     assert calls == [["something new"]]
     assert EmbeddingCache.load(path).prompts == ["something new"]
+    if teacher.family == "sdxl":  # SDXL time ids follow the training resolution
+        calls.clear()
+        cache = EmbeddingCache.load_or_compute(path, teacher, ["something new"], resolution=32)
+        assert calls == [["something new"]] and cache.get([0]).time_ids.tolist() == [[32, 32, 0, 0, 32, 32]]
 
 
 def test_unreadable_cache_file(tmp_path):
