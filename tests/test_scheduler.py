@@ -155,6 +155,27 @@ def _vae() -> AutoencoderKL:
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CI box they spin (50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def eps_fn():
+    """eps of a tiny random SD1.5-shaped UNet under a fixed random text conditioning."""
+    unet = _unet()
+    embeds = torch.randn(1, 5, TEXT_HIDDEN, generator=torch.Generator().manual_seed(3))
+
+    def predict(z: torch.Tensor, t: int) -> torch.Tensor:
+        return unet(z, t, encoder_hidden_states=embeds).sample
+
+    return predict
+
+
 @pytest.fixture(scope="module")
 def sd15_pipe() -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(
@@ -407,13 +428,7 @@ def test_last_step_returns_denoised_and_still_draws_noise() -> None:
     assert torch.equal(gen.get_state(), twin.get_state())
 
 
-def test_eta_zero_is_deterministic_and_eta_one_is_not() -> None:
-    unet = _unet()
-    embeds = torch.randn(1, 5, TEXT_HIDDEN, generator=torch.Generator().manual_seed(3))
-
-    def eps_fn(z, t):
-        return unet(z, t, encoder_hidden_states=embeds).sample
-
+def test_eta_zero_is_deterministic_and_eta_one_is_not(eps_fn) -> None:
     def run(eta: float, step_seed: int) -> torch.Tensor:
         scheduler = MLCMScheduler(eta=eta)
         scheduler.set_timesteps(4)
@@ -433,13 +448,7 @@ def test_eta_zero_is_deterministic_and_eta_one_is_not() -> None:
 
 
 @pytest.mark.parametrize("steps", range(1, 9))
-def test_parity_with_official_loop_on_tiny_unet(steps: int) -> None:
-    unet = _unet()
-    embeds = torch.randn(1, 5, TEXT_HIDDEN, generator=torch.Generator().manual_seed(3))
-
-    def eps_fn(z, t):
-        return unet(z, t, encoder_hidden_states=embeds).sample
-
+def test_parity_with_official_loop_on_tiny_unet(eps_fn, steps: int) -> None:
     with torch.no_grad():
         ours = _scheduler_loop(MLCMScheduler(), eps_fn, steps, torch.Generator().manual_seed(SEED))
         reference = official_loop(
