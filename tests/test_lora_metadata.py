@@ -112,3 +112,12 @@ def test_detect_family_from_shapes_and_names(modules: dict[str, LoraModule], exp
 def test_detect_family_prefers_metadata() -> None:
     lora = _lora({ATTN2_K: _module(768)}, MLCMLoraMetadata(base_family="sdxl"))
     assert detect_family(lora) == "sdxl"
+
+
+def test_writer_refuses_a_family_label_that_contradicts_the_shapes(tmp_path: Path) -> None:
+    lora = _lora({ATTN2_K: _module(768)})
+    with pytest.raises(ValueError, match=r"base_family='sdxl'.*sd15"):
+        write_kohya_lora(tmp_path / "x.safetensors", lora, metadata=MLCMLoraMetadata(base_family="sdxl"))
+    assert not (tmp_path / "x.safetensors").exists()
+    write_kohya_lora(tmp_path / "x.safetensors", lora, metadata=MLCMLoraMetadata(base_family="sd15"))
+    assert read_lora(tmp_path / "x.safetensors").metadata.base_family == "sd15"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 
-from .modules import LoraWeights
+from .modules import LoraModule, LoraWeights
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +20,15 @@ _SDXL_ONLY = re.compile(r"^lora_unet_(add_embedding_|label_emb_)|_transformer_bl
 
 
 def detect_family(lora: LoraWeights) -> str | None:
-    """ "sd15" or "sdxl" from the metadata, else from module shapes and names; None when undecidable."""
+    """The base family ("sd15"/"sdxl") from the metadata, else from the modules; None when undecidable."""
     if lora.metadata is not None and lora.metadata.base_family is not None:
         return lora.metadata.base_family
-    for name, module in lora.modules.items():
+    return family_from_modules(lora.modules)
+
+
+def family_from_modules(modules: Mapping[str, LoraModule]) -> str | None:
+    """The base family ("sd15"/"sdxl") from kohya-named modules' shapes and names alone, or None."""
+    for name, module in modules.items():
         if _CROSS_ATTENTION.search(name):
             in_features = int(module.down.shape[1])
             family = CROSS_ATTENTION_DIM_FAMILY.get(in_features)
@@ -31,6 +37,6 @@ def detect_family(lora: LoraWeights) -> str | None:
                     "%s has cross-attention width %d: neither SD1.5 (768) nor SDXL (2048)", name, in_features
                 )
             return family
-    if any(_SDXL_ONLY.search(name) for name in lora.modules):
+    if any(_SDXL_ONLY.search(name) for name in modules):
         return "sdxl"
     return None

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .family import family_from_modules
 from .metadata import MLCMLoraMetadata
 from .modules import LoraWeights
 
@@ -49,6 +50,18 @@ def kohya_header(lora: LoraWeights, metadata: MLCMLoraMetadata | None) -> dict[s
     return header
 
 
+def _check_family(lora: LoraWeights, metadata: MLCMLoraMetadata | None) -> None:
+    """Refuse metadata whose base_family contradicts the weights (loaders would trust the label)."""
+    if metadata is None or metadata.base_family is None:
+        return
+    from_shapes = family_from_modules(lora.modules)
+    if from_shapes is not None and from_shapes != metadata.base_family:
+        raise ValueError(
+            f"metadata says base_family={metadata.base_family!r} but the LoRA's module shapes are {from_shapes}'s; "
+            f"set base_family={from_shapes!r} (or None) in the metadata"
+        )
+
+
 def write_kohya_lora(
     path: str | os.PathLike,
     lora: LoraWeights,
@@ -68,8 +81,10 @@ def write_kohya_lora(
         raise ValueError(
             f"dtype={dtype} must be a floating-point dtype (torch.float16, torch.bfloat16 or torch.float32)"
         )
+    metadata = metadata if metadata is not None else lora.metadata
+    _check_family(lora, metadata)
     state_dict = to_kohya_state_dict(lora, dtype=dtype)
-    header = kohya_header(lora, metadata if metadata is not None else lora.metadata)
+    header = kohya_header(lora, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename: a crash or full disk never leaves a half-written LoRA behind.
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
