@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +139,29 @@ def test_workflow_validates(node_types: dict[str, type], model_files: None, name
         if getattr(node_types[entry["class_type"]], "OUTPUT_NODE", False)
     }
     assert set(outputs) == expected_outputs
+
+
+def test_template_browser_lists_the_workflows(comfyui: Path, pack) -> None:
+    """ComfyUI's /workflow_templates route (Workflow -> Browse Templates) finds all four under the pack's name."""
+    import folder_paths
+    from aiohttp import web
+
+    with pytest.MonkeyPatch.context() as patch:
+        # ComfyUI's main.py imports its top-level utils package before nodes.py puts comfy/ first on
+        # sys.path; here comfy/utils.py got the name first, so let custom_node_manager find the package.
+        patch.syspath_prepend(str(comfyui))
+        patch.delitem(sys.modules, "utils", raising=False)
+        from app.custom_node_manager import CustomNodeManager
+
+        routes, webapp = web.RouteTableDef(), web.Application()
+        CustomNodeManager().add_routes(routes, webapp, [(pack.path.name, str(pack.path))])
+        (route,) = [route for route in routes if getattr(route, "path", None) == "/workflow_templates"]
+        _, extensions = folder_paths.folder_names_and_paths["custom_nodes"]
+        patch.setitem(
+            folder_paths.folder_names_and_paths, "custom_nodes", ([str(pack.path.parent)], extensions)
+        )
+        response = asyncio.run(route.handler(None))
+    listed = json.loads(response.text)
+    assert sorted(listed[pack.path.name]) == sorted(structure.WORKFLOW_NAMES)
+    served = {resource.canonical for resource in webapp.router.resources()}
+    assert f"/api/workflow_templates/{pack.path.name}" in served
