@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(its saved config is used; flags given here override it)",
     )
     distill.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    distill.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="checkpoint and stop once N optimizer steps (over all phases) are done; continue later with --resume",
+    )
     add_config_flags(distill)
     distill.set_defaults(run=_run_distill)
 
@@ -189,7 +195,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         return 0
     from .train import train
 
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, stop_after=args.stop_after)
     return 0
 
 

@@ -47,6 +47,7 @@ class DistillConfig:
     # --- inputs ---
     teacher: str = ""  # diffusers folder or single-file .safetensors checkpoint (SD1.5 or SDXL)
     prompts: str = ""  # text file, one prompt a line, or a folder of caption .txt files
+    teacher_config: str | None = None  # diffusers folder describing a single-file teacher (default: shipped)
     tokenizer_path: str | None = None  # local tokenizer folder for single-file teachers
     comfyui_root: str | None = None  # ComfyUI installation to search for tokenizers/configs
     resolution: int | None = None  # pixels; None = the teacher's native size (512 SD1.5, 1024 SDXL)

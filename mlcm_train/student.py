@@ -7,6 +7,7 @@ lost to rounding under autocast (diffusers LCM-LoRA scripts, training_anchors.md
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,7 @@ def attach_lora(
     targets: tuple[str, ...],
     weight_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
+    seed: int = 0,
 ) -> list[nn.Parameter]:
     """Freeze ``unet``, inject a LoRA (scale alpha/rank) on the ``targets`` patterns; returns the LoRA params.
 
@@ -44,11 +46,27 @@ def attach_lora(
     for param in params:
         param.data = param.data.float()
         param.requires_grad_(True)
+    _seeded_lora_init(unet, seed)
     if gradient_checkpointing:
         if not hasattr(unet, "enable_gradient_checkpointing"):
             raise ValueError(f"{type(unet).__name__} does not support gradient checkpointing; drop the flag")
         unet.enable_gradient_checkpointing()
     return params
+
+
+@torch.no_grad()
+def _seeded_lora_init(unet: nn.Module, seed: int) -> None:
+    """Re-draw every lora_A from an explicit generator (PEFT draws from the global RNG, which breaks resume).
+
+    Same law as PEFT's default, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)); B stays 0.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in unet.named_parameters():
+        if ".lora_A." in name:
+            fan_in = param[0].numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            draw = torch.rand(param.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+            param.copy_(draw.to(param.device))
 
 
 def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:

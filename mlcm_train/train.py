@@ -60,6 +60,7 @@ class TrainResult:
     exported: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per optimizer step (NaN where skipped)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per category (profile=True)
+    unet: torch.nn.Module | None = None  # the UNet with the trained LoRA attached (this process's copy)
 
 
 def derive_seed(*parts: object) -> int:
@@ -164,6 +165,7 @@ def train(
         config.teacher,
         tokenizer_path=config.tokenizer_path,
         comfyui_root=config.comfyui_root,
+        config_dir=config.teacher_config,
         dtype=weight_dtype,
         device=accelerator.device,
     )
@@ -179,6 +181,7 @@ def train(
         targets=config.lora_targets,
         weight_dtype=weight_dtype,
         gradient_checkpointing=config.gradient_checkpointing,
+        seed=derive_seed(config.seed, "lora_init"),
     )
     ema = LoraEMA(unet, config.ema_decay) if config.ema_decay is not None else None
     state = TrainState(0, 0, 0, 0, teacher.family, len(prompts), 0, config.config_hash())
@@ -301,7 +304,7 @@ def train(
             if stop_after is not None and state.global_step >= stop_after:
                 checkpoint(optimizer)
                 progress.close()
-                return TrainResult(run_dir, state, last_checkpoint, [], losses, dict(timer.seconds))
+                return TrainResult(run_dir, state, last_checkpoint, [], losses, dict(timer.seconds), unet)
             step_start = time.perf_counter()
             loss_sum = torch.zeros((), device=accelerator.device)
             skipped = False
@@ -458,7 +461,7 @@ def train(
         if writer is not None:
             writer.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, state, last_checkpoint, exported, losses, dict(timer.seconds))
+    return TrainResult(run_dir, state, last_checkpoint, exported, losses, dict(timer.seconds), unet)
 
 
 def _timed(timer: StepTimer, label: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

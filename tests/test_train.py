@@ -1,0 +1,160 @@
+"""The distill loop end to end on tiny SD1.5/SDXL teachers: CLI, only-LoRA training, export, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import make_tiny_sd15, make_tiny_single_file, single_file_config_dir
+
+from mlcm.lora import read_lora
+from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
+from mlcm_train.cli import main
+from mlcm_train.config import DistillConfig
+from mlcm_train.teacher import load_teacher
+from mlcm_train.train import train
+
+PROMPTS = "a red cat\na dog\nthe red dog\na cat\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and do not fight parallel test runs for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd15")
+    (root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
+    return make_tiny_sd15(root), root / "prompts.txt"
+
+
+def tiny_config(teacher, prompts, out, **changes) -> DistillConfig:
+    """A few-step run: rank 4, batch 2, every feature on its cheapest setting."""
+    values = dict(
+        teacher=str(teacher),
+        prompts=str(prompts),
+        output_dir=str(out),
+        stages=(1, 2),
+        stage1_steps=2,
+        stage2_steps=1,
+        batch_size=2,
+        lora_rank=4,
+        checkpoint_every=100,
+        sample_every=0,
+        log_every=1,
+        stage2_q=2,
+        stage2_p=1,
+    )
+    values.update(changes)
+    return DistillConfig(**values)
+
+
+def _flags(config: DistillConfig) -> list[str]:
+    argv = []
+    for key, value in config.to_dict().items():
+        if value is None or key in ("lora_targets",):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _base_weights_unchanged(unet: torch.nn.Module, folder) -> None:
+    """Every non-LoRA weight of the trained UNet equals the teacher's file on disk."""
+    saved = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    current = {
+        name.replace(".base_layer.", "."): p
+        for name, p in unet.state_dict().items()
+        if ".lora_A." not in name and ".lora_B." not in name
+    }
+    assert set(current) == set(saved)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(current[name], tensor, rtol=0, atol=0)
+
+
+def test_sd15_cli_end_to_end_only_lora_changes(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(teacher, prompts, tmp_path / "run", sample_every=3, export_formats=("kohya", "peft"))
+    assert main(["distill", *_flags(config)]) == 0
+    run = tmp_path / "run"
+    lora = read_lora(run / "export" / "mlcm_sd15_8seg.safetensors")
+    assert lora.metadata.segments == 8 and lora.metadata.base_family == "sd15"
+    assert lora.metadata.stages == ("mlcd", "inter_segment")
+    assert lora.metadata.training["config_hash"] == config.config_hash()
+    assert lora.metadata.training["prompt_count"] == 4 and lora.metadata.training["global_step"] == 3
+    assert all(module.alpha == 4.0 for module in lora.modules.values())
+    assert any(module.up.abs().max() > 0 for module in lora.modules.values())  # B moved off zero: it trained
+    assert (run / "samples" / "step-0000003.png").is_file()
+    assert json.loads((run / "config.json").read_text())["lora_rank"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == [1, 2, 3] and all(r["loss"] >= 0 for r in rows)
+    # export from the checkpoint gives the same kohya file
+    assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = read_lora(tmp_path / "again" / "mlcm_sd15_8seg.safetensors")
+    for name, module in lora.modules.items():
+        torch.testing.assert_close(again.modules[name].up, module.up)
+
+
+def test_sd15_only_lora_weights_change_in_memory(sd15, tmp_path):
+    teacher, prompts = sd15
+    result = train(tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1))
+    _base_weights_unchanged(result.unet, teacher)
+
+
+def test_sdxl_single_file_teacher_end_to_end(tmp_path):
+    checkpoint = make_tiny_single_file(tmp_path, "sdxl")
+    (tmp_path / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
+    config_dir = single_file_config_dir(checkpoint)
+    config = tiny_config(
+        checkpoint,
+        tmp_path / "prompts.txt",
+        tmp_path / "run",
+        teacher_config=str(config_dir),
+        tokenizer_path=str(config_dir),
+        segments=4,
+        sample_steps=(1, 2, 4),
+    )
+    assert main(["distill", *_flags(config)]) == 0
+    lora = read_lora(tmp_path / "run" / "export" / "mlcm_sdxl_4seg.safetensors")
+    assert lora.metadata.segments == 4 and lora.metadata.base_family == "sdxl"
+    assert lora.metadata.recommended_steps == (1, 2, 4)
+    teacher = load_teacher(config_dir)
+    targeted = [name for name, _ in teacher.unet.named_modules() if name.endswith(("to_q", "conv1"))]
+    assert {f"lora_unet_{n.replace('.', '_')}" for n in targeted} <= set(lora.modules)
+
+
+def test_resume_continues_exactly(sd15, tmp_path):
+    """3 steps straight == 1 step, stop, resume (mid stage 1, then across the stage boundary)."""
+    teacher, prompts = sd15
+    straight = train(tiny_config(teacher, prompts, tmp_path / "a", stage1_steps=2, stage2_steps=1))
+    split_config = tiny_config(teacher, prompts, tmp_path / "b", stage1_steps=2, stage2_steps=1)
+    first = train(split_config, stop_after=1)
+    assert first.state.global_step == 1 and first.exported == []
+    second = train(split_config, resume=tmp_path / "b")
+    assert second.state.global_step == 3
+    torch.testing.assert_close(straight.losses[1:], second.losses, rtol=1e-5, atol=1e-9)
+    a = load_checkpoint(tmp_path / "a").lora
+    b = load_checkpoint(tmp_path / "b").lora
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+def test_existing_run_needs_resume(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1)
+    train(config)
+    assert list_checkpoints(tmp_path / "run")
+    with pytest.raises(ValueError, match="--resume"):
+        train(config)
