@@ -244,7 +244,9 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
                 f"step called {index + 1} times for a {len(self._timesteps)}-step run; call set_timesteps again"
             )
         t = self._timesteps[index]
-        x0, eps = self._x0_and_eps(model_output.float(), sample.float(), t)
+        # x0 = (z - s * eps) / a cancels badly in half precision at high t: compute in at least float32.
+        compute = torch.promote_types(sample.dtype, torch.float32)
+        x0, eps = self._x0_and_eps(model_output.to(compute), sample.to(compute), t)
 
         eta = self.config.eta
         # Draw before knowing whether it is the last step: the official loop draws there too (RNG parity).
@@ -270,9 +272,10 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
         """Apply ``mlcm.sampling.renoise`` in VP terms: ``x = z / a`` and ``sigma = s / a`` (k-diffusion)."""
         a, s = self._coefficients(t)
         a_next, s_next = self._coefficients(t_next)
-        sigma = torch.tensor(s / a, dtype=torch.float64)
-        sigma_next = torch.tensor(s_next / a_next, dtype=torch.float64)
-        fresh = None if noise is None else noise.float()
+        # 0-d CPU tensors act as scalars on any device.
+        sigma = torch.tensor(s / a, dtype=x0.dtype)
+        sigma_next = torch.tensor(s_next / a_next, dtype=x0.dtype)
+        fresh = None if noise is None else noise.to(x0.dtype)
         # The VE point x0 + sigma * eps equals z / a, and stays consistent when x0 was clipped.
         x = x0 + (s / a) * eps
 

@@ -428,6 +428,32 @@ def test_last_step_returns_denoised_and_still_draws_noise() -> None:
     assert torch.equal(gen.get_state(), twin.get_state())
 
 
+def test_add_noise_matches_ddpm_scheduler() -> None:
+    gen = torch.Generator().manual_seed(SEED)
+    x0, noise = torch.randn((3, 4, 8, 8), generator=gen), torch.randn((3, 4, 8, 8), generator=gen)
+    timesteps = torch.tensor([999, 499, 0])
+    ddpm = DDPMScheduler.from_config(SD15_PNDM_CONFIG)
+    expected = ddpm.add_noise(x0, noise, timesteps)
+    torch.testing.assert_close(
+        MLCMScheduler().add_noise(x0, noise, timesteps), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_half_precision_keeps_the_dtype_and_the_result() -> None:
+    """bf16 in, bf16 out (the official code runs in bf16); maths in float32 keeps it close to float32."""
+    gen = torch.Generator().manual_seed(SEED)
+    z, eps = torch.randn(LATENT_SHAPE, generator=gen), torch.randn(LATENT_SHAPE, generator=gen)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        scheduler = MLCMScheduler(eta=0.0)
+        scheduler.set_timesteps(2)
+        out = scheduler.step(eps.to(dtype), 999, z.to(dtype))
+        assert out.prev_sample.dtype == dtype and out.denoised.dtype == dtype
+        results[dtype] = out.denoised.float()
+    scale = results[torch.float32].abs().max()
+    assert (results[torch.bfloat16] - results[torch.float32]).abs().max() < 0.02 * scale
+
+
 def test_eta_zero_is_deterministic_and_eta_one_is_not(eps_fn) -> None:
     def run(eta: float, step_seed: int) -> torch.Tensor:
         scheduler = MLCMScheduler(eta=eta)
