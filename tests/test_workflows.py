@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ MODE_ALWAYS, MODE_MUTED = 0, 2
 OUR_PACK_ID = "comfyui-mlcm"
 CORE_PACK_ID = "comfy-core"
 SAMPLER_TYPES = ("SamplerCustom", "KSampler")
+# The editor's check of properties.ver (ComfyUI frontend's workflow schema): semantic version x.y.z.
+SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
 OUTPUT_NODE_TYPES = frozenset({"SaveImage", "PreviewAny"})
 
 
@@ -265,6 +268,19 @@ def test_properties_name_the_pack(workflow: dict) -> None:
             assert properties["cnr_id"] == OUR_PACK_ID
         else:
             assert (properties["cnr_id"], properties["ver"]) == (CORE_PACK_ID, "0.3.64")
+
+
+def test_properties_fit_the_editors_schema(workflow: dict) -> None:
+    """The frontend's workflow schema rejects a non-semver ``ver``; model entries drive its download dialog."""
+    for node in workflow["nodes"]:
+        properties = node["properties"]
+        if "ver" in properties:
+            assert SEMVER.fullmatch(properties["ver"]), properties["ver"]
+        for model in properties.get("models", []):
+            assert set(model) == {"name", "url", "directory"}
+            assert model["url"].startswith("https://") and model["url"].endswith(model["name"])
+            assert model["name"] in node["widgets_values"]
+            assert model["directory"] in ("checkpoints", "loras")
 
 
 def test_our_widgets_have_allowed_values(workflow: dict) -> None:
