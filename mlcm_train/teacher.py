@@ -82,11 +82,14 @@ class Teacher:
 
         SD1.5: last hidden state of CLIP-L. SDXL: penultimate hidden states of CLIP-L and bigG concatenated,
         the projected pooled bigG output, and time ids for an uncropped square image of side `resolution`.
+        Prompts are padded/truncated to the encoders' 77 tokens, as in diffusers.
         """
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a sequence of prompts, not one string; wrap it in a list")
         if not self.text_encoders:
             raise ValueError("this Teacher was built without text encoders; load it with load_teacher")
+        if len(prompts) == 0:
+            raise ValueError("encode_prompts got no prompts")
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer(
@@ -130,7 +133,7 @@ class Teacher:
         empty = self._empty_prompt
         if self.family == "sdxl":
             empty = Conditioning(empty.prompt_embeds, empty.pooled_embeds, self.time_ids(1, resolution))
-        return empty.repeat(batch_size)
+        return empty.to(device=self.device).repeat(batch_size)
 
 
 def alphas_cumprod_from_config(config: dict) -> Tensor:

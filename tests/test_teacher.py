@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_single_file, make_tiny_tokenizer, single_file_config_dir
+from tiny_models import build_tiny_sd15, make_tiny_single_file, make_tiny_tokenizer, single_file_config_dir
 
 from mlcm_train import single_file
 from mlcm_train.teacher import alphas_cumprod_from_config, load_teacher
-from mlcm_train.tokenizer_search import find_comfyui_root, find_tokenizers
+from mlcm_train.tokenizer_search import find_comfyui_root, find_tokenizers, load_tokenizers
 
 FAMILIES = ("sd15", "sdxl")
 PROMPTS = ["a cat", "the red dog at the door", ""]
@@ -242,3 +243,29 @@ def test_v_prediction_teacher_rejected(tmp_path):
         alphas_cumprod_from_config({"prediction_type": "v_prediction", "beta_start": 0.1, "beta_end": 0.2})
     with pytest.raises(ValueError, match="v-prediction"):
         single_file.check_prediction_type({"v_pred": torch.zeros(1)}, tmp_path / "x.safetensors")
+
+
+def test_tiny_fixtures_are_deterministic_and_leave_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b = build_tiny_sd15().unet.state_dict(), build_tiny_sd15().unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(
+    not os.environ.get("MLCM_COMFYUI_PATH"), reason="set MLCM_COMFYUI_PATH to a ComfyUI checkout"
+)
+def test_real_comfyui_tokenizer_files(tiny):
+    root = Path(os.environ["MLCM_COMFYUI_PATH"])
+    source = find_tokenizers(2, comfyui_root=root)
+    clip_l, clip_g = load_tokenizers(source, max_length=77)
+    # Known CLIP BPE ids: <start> a photo of a cat <end>; ComfyUI's config says 8192 tokens, we use 77.
+    ids = clip_l("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and len(ids) == 77
+    assert ids[7] == 49407 and clip_g("a", padding="max_length", max_length=77).input_ids[3] == 0
+    assert clip_l.model_max_length == 77
+    # The real vocabulary does not fit the tiny text encoder: a clear error, not an index error later.
+    folder, checkpoint = tiny["sd15"]
+    with pytest.raises(ValueError, match="49408 tokens"):
+        load_teacher(checkpoint, config_dir=folder, tokenizer_path=root / "comfy" / "sd1_tokenizer")
