@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 COMFYUI_PATH = os.environ.get("MLCM_COMFYUI_PATH", "")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +45,10 @@ def comfyui() -> Path:
         pytest.fail(
             f"MLCM_COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout (no comfy/samplers.py, nodes.py)"
         )
+    threads = torch.get_num_threads()
+    # The tiny models' ops take microseconds: thread hand-offs dominate, and on a busy CI machine they
+    # made a 4-step run ~30x slower. One intra-op thread for the whole ComfyUI tier.
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
         import comfy.cli_args
@@ -56,6 +61,7 @@ def comfyui() -> Path:
         # Our repo also has a `nodes/` package; ComfyUI's nodes.py must be the one imported.
         assert Path(nodes.__file__).resolve() == root / "nodes.py", nodes.__file__
         yield root
+    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

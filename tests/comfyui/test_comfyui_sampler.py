@@ -1,0 +1,174 @@
+"""MLCMSampler and the KSampler route, run through ComfyUI's own sampling entry points on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from comfy_tiny import conditioning, noise_and_latent, tiny_model
+
+SEED = 7
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family: str, comfyui) -> object:
+    return tiny_model(family, seed=1)
+
+
+def mlcm_sigmas(
+    node_classes: dict[str, type], model: object, steps: int, denoise: float = 1.0
+) -> torch.Tensor:
+    schedule = node_classes["MLCMSegmentSchedule"]
+    return schedule.execute(model=model, steps=steps, segments=0, selection="official", denoise=denoise).args[
+        0
+    ]
+
+
+def mlcm_sampler(node_classes: dict[str, type], update_rule: str = "official", eta: float = 0.5) -> object:
+    return node_classes["MLCMSampler"].execute(update_rule=update_rule, eta=eta).args[0]
+
+
+def sample_custom(
+    model, family, sampler, sigmas, *, seed=SEED, noise_seed=SEED, callback=None
+) -> torch.Tensor:
+    import comfy.sample
+
+    noise, latent = noise_and_latent(noise_seed)
+    cond = conditioning(family)
+    return comfy.sample.sample_custom(
+        model,
+        noise,
+        1.0,
+        sampler,
+        sigmas,
+        cond,
+        cond,
+        latent,
+        callback=callback,
+        disable_pbar=True,
+        seed=seed,
+    )
+
+
+def test_official_rule_equals_comfyui_lcm_sampler(node_classes, model, family) -> None:
+    import comfy.samplers
+
+    sigmas = mlcm_sigmas(node_classes, model, 4)
+    ours = sample_custom(model, family, mlcm_sampler(node_classes), sigmas)
+    builtin = sample_custom(model, family, comfy.samplers.ksampler("lcm"), sigmas)
+    assert torch.isfinite(ours).all() and ours.abs().max() > 0
+    torch.testing.assert_close(ours, builtin, atol=1e-6, rtol=0)
+
+
+def test_deterministic_rule_ignores_the_noise_seed(node_classes, model, family) -> None:
+    sigmas = mlcm_sigmas(node_classes, model, 4)
+    deterministic = mlcm_sampler(node_classes, "deterministic")
+    first = sample_custom(model, family, deterministic, sigmas, seed=1)
+    second = sample_custom(model, family, deterministic, sigmas, seed=2)
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    official = mlcm_sampler(node_classes, "official")
+    assert not torch.equal(
+        sample_custom(model, family, official, sigmas, seed=1),
+        sample_custom(model, family, official, sigmas, seed=2),
+    ), "the official rule draws fresh noise from the seed"
+
+
+def test_blend_lies_between_the_rules(node_classes, model, family) -> None:
+    sigmas = mlcm_sigmas(node_classes, model, 4)
+    results = {
+        eta: sample_custom(model, family, mlcm_sampler(node_classes, "blend", eta), sigmas)
+        for eta in (0.0, 1.0)
+    }
+    torch.testing.assert_close(
+        results[0.0], sample_custom(model, family, mlcm_sampler(node_classes, "deterministic"), sigmas)
+    )
+    torch.testing.assert_close(
+        results[1.0], sample_custom(model, family, mlcm_sampler(node_classes, "official"), sigmas)
+    )
+
+
+def test_callback_fires_once_per_step(node_classes, model, family) -> None:
+    calls = []
+    sigmas = mlcm_sigmas(node_classes, model, 4)
+    sample_custom(
+        model, family, mlcm_sampler(node_classes), sigmas, callback=lambda *args: calls.append(args)
+    )
+    assert [call[0] for call in calls] == [0, 1, 2, 3]
+    assert all(call[3] == 4 for call in calls), "total steps passed to the progress bar"
+    assert all(call[1].shape == (1, 4, 8, 8) for call in calls), "x0 preview latent"
+
+
+def test_interrupt_stops_sampling_midway(node_classes, model, family) -> None:
+    import comfy.model_management as mm
+    import comfy.utils
+    import latent_preview
+
+    steps = 4
+    seen = []
+
+    def callback(step, x0, x, total):
+        seen.append(step)
+        if step == 1:
+            mm.interrupt_current_processing(True)  # what POST /interrupt does
+        progress(step, x0, x, total)
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        mm.throw_exception_if_processing_interrupted()  # as main.py's progress hook does
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        progress = latent_preview.prepare_callback(model, steps)  # ComfyUI's progress bar + previews
+        with pytest.raises(mm.InterruptProcessingException):
+            sample_custom(
+                model,
+                family,
+                mlcm_sampler(node_classes),
+                mlcm_sigmas(node_classes, model, steps),
+                callback=callback,
+            )
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+    assert seen == [0, 1]
+
+
+@pytest.mark.parametrize(("steps", "denoise"), [(4, 1.0), (2, 1.0), (4, 0.5), (3, 0.75)])
+def test_ksampler_route_matches_the_nodes(node_classes, model, family, steps, denoise) -> None:
+    import comfy.sample
+
+    noise, latent = noise_and_latent(SEED)
+    cond = conditioning(family)
+    via_ksampler = comfy.sample.sample(
+        model,
+        noise,
+        steps,
+        1.0,
+        "mlcm",
+        "mlcm_segments",
+        cond,
+        cond,
+        latent,
+        denoise=denoise,
+        disable_pbar=True,
+        seed=SEED,
+    )
+    sigmas = mlcm_sigmas(node_classes, model, steps, denoise)
+    via_nodes = sample_custom(model, family, mlcm_sampler(node_classes), sigmas)
+    assert torch.isfinite(via_ksampler).all()
+    torch.testing.assert_close(via_ksampler, via_nodes, atol=1e-6, rtol=0)
+
+
+def test_ksampler_route_says_what_to_do_beyond_eight_steps(model, family) -> None:
+    import comfy.sample
+
+    noise, latent = noise_and_latent(SEED)
+    cond = conditioning(family)
+    with pytest.raises(ValueError, match="lower steps or raise denoise|Lower steps or raise denoise"):
+        comfy.sample.sample(
+            model, noise, 5, 1.0, "mlcm", "mlcm_segments", cond, cond, latent, denoise=0.5, seed=SEED
+        )
