@@ -7,6 +7,7 @@ tests/comfyui/test_workflows_comfyui.py repeats the conversion with ComfyUI's re
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -35,6 +36,7 @@ SAMPLER_TYPES = ("SamplerCustom", "KSampler")
 # The editor's check of properties.ver (ComfyUI frontend's workflow schema): semantic version x.y.z.
 SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
 OUTPUT_NODE_TYPES = frozenset({"SaveImage", "PreviewAny"})
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 
 
 @dataclass(frozen=True)
@@ -411,9 +413,17 @@ def test_img2img_samples_the_encoded_image() -> None:
     assert prompt[encoder["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
 
 
-def test_graphs_read_left_to_right(workflow: dict) -> None:
-    """Every link goes rightwards, so the graph reads from loaders on the left to the saved image."""
+def test_layout_reads_left_to_right_without_overlaps(workflow: dict) -> None:
+    """Every link goes rightwards (loaders on the left, the saved image on the right) and no node hides another."""
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for _, origin_id, _, target_id, _, _ in workflow["links"]:
         assert nodes[origin_id]["pos"][0] < nodes[target_id]["pos"][0], (origin_id, target_id)
-    assert all(math.isfinite(value) for node in nodes.values() for value in node["pos"] + node["size"])
+    boxes = {
+        node_id: (x, y - TITLE_HEIGHT, x + width, y + height)
+        for node_id, node in nodes.items()
+        for (x, y), (width, height) in [(node["pos"], node["size"])]
+    }
+    assert all(math.isfinite(value) for box in boxes.values() for value in box)
+    for (id_a, a), (id_b, b) in itertools.combinations(boxes.items(), 2):
+        overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+        assert not overlap, (nodes[id_a]["type"], nodes[id_b]["type"])
