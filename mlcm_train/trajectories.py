@@ -88,6 +88,36 @@ def trajectory_identity(
     }
 
 
+FINGERPRINT_CHUNK = 1 << 20  # bytes read from each end of every teacher file: cheap, yet catches re-saves
+
+
+def prompts_hash(prompts: Sequence[str]) -> str:
+    """Identity of an ordered prompt list (shards store prompt indices, so order matters)."""
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """Cheap identity of a teacher file or folder: relative names, sizes and the first/last MiB of each file."""
+    root = Path(path)
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    )
+    if not files:
+        raise FileNotFoundError(f"no teacher files at {root}; pass the checkpoint file or diffusers folder")
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root) if file != root else file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(FINGERPRINT_CHUNK))
+            if size > FINGERPRINT_CHUNK:
+                handle.seek(max(FINGERPRINT_CHUNK, size - FINGERPRINT_CHUNK))
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
 def _manifest_hash(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 

@@ -13,9 +13,11 @@ from mlcm_train.distill import DistillSettings, add_noise, sample_stage1_timeste
 from mlcm_train.trajectories import (
     TrajectoryDataset,
     generate_trajectory_shards,
+    prompts_hash,
     shard_assignment,
     shard_name,
     shard_seed,
+    teacher_fingerprint,
     trajectory_identity,
 )
 
@@ -177,3 +179,21 @@ def test_a_stale_shard_from_another_manifest_is_detected(tmp_path):
     with pytest.raises(ValueError, match="stale shard"):
         data[5]
     assert data[0]["z_tm"].shape == LATENT
+
+
+def test_identity_helpers_change_with_the_prompt_order_and_the_teacher_bytes(tmp_path):
+    assert prompts_hash(["a cat", "a dog"]) != prompts_hash(["a dog", "a cat"])
+    assert prompts_hash(["a cat"]) == prompts_hash(["a cat"])
+    folder = tmp_path / "teacher"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(bytes(3 << 20))
+    (folder / "model_index.json").write_text("{}")
+    before = teacher_fingerprint(folder)
+    assert teacher_fingerprint(folder) == before and teacher_fingerprint(weights) != before
+    with weights.open("r+b") as handle:  # a change near the end of a large file is still seen
+        handle.seek((3 << 20) - 10)
+        handle.write(b"x")
+    assert teacher_fingerprint(folder) != before
+    with pytest.raises(FileNotFoundError, match="no teacher files"):
+        teacher_fingerprint(tmp_path / "empty")
