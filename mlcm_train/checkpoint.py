@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -203,7 +204,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         optimizer = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         current = RNG_FILE
         rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError, EOFError) as error:
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        RuntimeError,
+        SafetensorError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt ({current}: {error}); resume from an earlier checkpoint in "
             f"{path.parent}"

@@ -225,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except Exception as error:
+        from .checkpoint import CheckpointError
+        from .train import NonFiniteLossError
+
+        if not isinstance(error, ValueError | FileNotFoundError | CheckpointError | NonFiniteLossError):
+            raise
         # Known, user-fixable failures: one clear line instead of a traceback (use -v for the traceback).
         log.debug("failed", exc_info=True)
         log.error("%s", error)
