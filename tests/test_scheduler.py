@@ -382,6 +382,17 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded.config.segments == 4 and loaded.config.eta == 0.25 and loaded.config.selection == "uniform"
 
 
+def test_pipeline_save_and_load_keeps_the_scheduler(
+    sd15_pipe: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    """A saved pipeline names mlcm.scheduler in model_index.json and loads back with MLCMScheduler."""
+    sd15_pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.scheduler, MLCMScheduler)
+    public = {k: v for k, v in sd15_pipe.scheduler.config.items() if not k.startswith("_")}
+    assert {k: loaded.scheduler.config[k] for k in public} == public
+
+
 # ---------------------------------------------------------------- update rules (analytic)
 
 
