@@ -54,6 +54,28 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         ) from exc
 
 
+def read_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a checkpoint without loading the tensors (safetensors header); validates the header."""
+    path = Path(path)
+    if path.suffix.lower() in TORCH_EXTENSIONS or not path.is_file():
+        return list(read_checkpoint(path))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors checkpoint ({exc}); the file is corrupt or truncated "
+            "(an interrupted download?): download or save it again"
+        ) from exc
+    # ComfyUI marks v-prediction checkpoints with a `v_pred` tensor; some trainers use metadata instead.
+    if metadata.get("modelspec.prediction_type", "epsilon").lower() not in ("epsilon", "eps"):
+        keys.append("v_pred")
+    return keys
+
+
 def detect_family(keys: Mapping[str, object] | list[str]) -> str:
     """'sd15' or 'sdxl' from the checkpoint's key names (SDXL: second text encoder / label_emb)."""
     names = list(keys)

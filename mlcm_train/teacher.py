@@ -173,18 +173,21 @@ def _scheduler_config(folder: Path) -> dict:
     return _read_json(path)
 
 
-def _load_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[str, dict[str, torch.nn.Module], bool]:
-    """(family, modules, force_zeros_for_empty_prompt) from a diffusers pipeline folder, local files only."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    index = _read_json(folder / "model_index.json")
+def _folder_family(folder: Path) -> str:
+    """'sdxl' when the UNet takes SDXL's added text/time conditioning, else 'sd15'."""
     unet_config = folder / "unet" / "config.json"
     if not unet_config.is_file():
         raise FileNotFoundError(
             f"{unet_config} is missing; {folder} is not a complete SD1.5/SDXL diffusers folder"
         )
-    family = "sdxl" if _read_json(unet_config).get("addition_embed_type") == "text_time" else "sd15"
+    return "sdxl" if _read_json(unet_config).get("addition_embed_type") == "text_time" else "sd15"
+
+
+def _load_diffusers_folder(folder: Path, family: str, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """UNet, VAE and text encoder(s) of a diffusers pipeline folder, local files only."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
     if family == "sdxl":
         loaders["text_encoder_2"] = CLIPTextModelWithProjection
@@ -202,8 +205,7 @@ def _load_diffusers_folder(folder: Path, dtype: torch.dtype) -> tuple[str, dict[
             raise ValueError(
                 f"could not load the {name} of {folder} ({exc}); its weights are missing or corrupt"
             ) from exc
-    zero_uncond = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
-    return family, modules, zero_uncond
+    return modules
 
 
 def _variant(subfolder: Path) -> str | None:
@@ -233,36 +235,40 @@ def load_teacher(
             f"teacher {path} does not exist; pass a diffusers folder (with model_index.json) or a single-file "
             ".safetensors checkpoint such as ComfyUI/models/checkpoints/<name>.safetensors"
         )
-    diffusers_dirs: tuple[Path, ...] = ()
+    # Everything cheap (family, schedule, tokenizers) is settled before the weights are read, so a
+    # missing piece is reported at once rather than after loading gigabytes.
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"{path} is a folder without model_index.json; pass a diffusers pipeline folder or a checkpoint file"
             )
-        family, modules, zero_uncond = _load_diffusers_folder(path, dtype)
-        schedule = _scheduler_config(path)
-        diffusers_dirs = (path,)
+        family = _folder_family(path)
+        folder = path
+        diffusers_dirs: tuple[Path, ...] = (path,)
     else:
-        checkpoint = single_file.read_checkpoint(path)
-        family = single_file.detect_family(checkpoint)
-        single_file.check_prediction_type(checkpoint, path)
+        keys = single_file.read_keys(path)
+        family = single_file.detect_family(keys)
+        single_file.check_prediction_type(keys, path)
         folder = single_file.config_folder(family, config_dir)
-        modules = single_file.build_from_single_file(checkpoint, family, folder, dtype)
-        del checkpoint
-        schedule = (
-            _scheduler_config(folder)
-            if (folder / "scheduler").is_dir()
-            else _scheduler_config(single_file.SHIPPED_CONFIGS / family)
-        )
-        index_path = folder / "model_index.json"
-        index = _read_json(index_path) if index_path.is_file() else {}
-        zero_uncond = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
-        if config_dir is not None:
-            diffusers_dirs = (folder,)
-    encoders = tuple(modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules)
-    source = tokenizer_search.find_tokenizers(
-        len(encoders), tokenizer_path=tokenizer_path, diffusers_dirs=diffusers_dirs, comfyui_root=comfyui_root
+        diffusers_dirs = (folder,) if config_dir is not None else ()
+    scheduler_root = (
+        folder if (folder / "scheduler").is_dir() or path.is_dir() else single_file.SHIPPED_CONFIGS / family
     )
+    alphas_cumprod = alphas_cumprod_from_config(_scheduler_config(scheduler_root))
+    index_path = folder / "model_index.json"
+    index = _read_json(index_path) if index_path.is_file() else {}
+    zero_uncond = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
+    source = tokenizer_search.find_tokenizers(
+        2 if family == "sdxl" else 1,
+        tokenizer_path=tokenizer_path,
+        diffusers_dirs=diffusers_dirs,
+        comfyui_root=comfyui_root,
+    )
+    if path.is_dir():
+        modules = _load_diffusers_folder(path, family, dtype)
+    else:
+        modules = single_file.build_from_single_file(single_file.read_checkpoint(path), family, folder, dtype)
+    encoders = tuple(modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules)
     tokenizers = tokenizer_search.load_tokenizers(source, int(encoders[0].config.max_position_embeddings))
     for tokenizer, encoder in zip(tokenizers, encoders):
         if len(tokenizer) > encoder.config.vocab_size:
@@ -280,7 +286,7 @@ def load_teacher(
         family=family,
         unet=unet,
         vae=vae,
-        alphas_cumprod=alphas_cumprod_from_config(schedule),
+        alphas_cumprod=alphas_cumprod,
         resolution=int(unet.config.sample_size) * scale,
         text_encoders=encoders,
         tokenizers=tokenizers,

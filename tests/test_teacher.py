@@ -207,6 +207,27 @@ def test_corrupt_and_truncated_checkpoints_are_rejected(tiny, tmp_path):
         load_teacher(truncated, config_dir=folder)
 
 
+def test_corrupt_weights_in_a_diffusers_folder(tiny, tmp_path):
+    folder = shutil.copytree(tiny["sd15"][0], tmp_path / "copy")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="could not load the unet"):
+        load_teacher(folder)
+
+
+def test_v_prediction_metadata_is_rejected_before_loading(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vpred.safetensors"
+    save_file(
+        {"cond_stage_model.transformer.text_model.x": torch.zeros(1)},
+        str(path),
+        metadata={"modelspec.prediction_type": "v"},
+    )
+    with pytest.raises(ValueError, match="v-prediction"):
+        load_teacher(path)
+
+
 def test_checkpoint_missing_a_tensor_fails_loudly(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -219,10 +240,10 @@ def test_checkpoint_missing_a_tensor_fails_loudly(tiny, tmp_path):
         load_teacher(broken, config_dir=folder)
 
 
-def test_config_that_does_not_describe_the_checkpoint_is_rejected(tiny):
-    # The shipped real-size SD1.5 configs cannot hold the tiny weights: a shape error, not random weights.
+def test_config_that_does_not_describe_the_checkpoint_is_rejected(tiny, tmp_path):
+    # The shipped real-size SD1.5 configs cannot hold the tiny weights: an error, not random weights.
     with pytest.raises(ValueError, match="does not match the config"):
-        load_teacher(tiny["sd15"][1])
+        load_teacher(tiny["sd15"][1], tokenizer_path=make_tiny_tokenizer(tmp_path))
 
 
 def test_family_detection_from_keys():
