@@ -200,9 +200,63 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 
 def _run_trajectories(args: argparse.Namespace) -> int:
-    from .trajectories_cli import run_trajectories
+    """Pre-generate stage-1 teacher states for the first round's segment count (shared by ranks)."""
+    import torch
+    from accelerate import Accelerator
 
-    return run_trajectories(args, resolve_config(args))
+    from .distill import DistillSettings
+    from .train import WEIGHT_DTYPES, load_inputs, resolve_mixed_precision, trajectory_expectation
+    from .trajectories import generate_trajectory_shards
+
+    config = resolve_config(args)
+    if not config.teacher or not config.prompts:
+        raise ValueError("trajectories needs --teacher PATH and --prompts FILE")
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    device = accelerator.device
+    teacher, prompts, embeddings = load_inputs(config, device, WEIGHT_DTYPES[mixed_precision])
+    segments = config.rounds[0]
+    identity = trajectory_expectation(config, teacher, prompts, segments)
+    uncond_one = teacher.uncond(1).to(device)
+
+    @torch.no_grad()
+    def teacher_eps(z, t, cond):
+        with accelerator.autocast():
+            return teacher.unet(z, t, **cond.unet_kwargs(), return_dict=False)[0].float()
+
+    def prompts_cond(index):
+        return embeddings.get(index).to(device), uncond_one.repeat(len(index))
+
+    generate_trajectory_shards(
+        teacher_eps,
+        prompts_cond,
+        args.out,
+        num_samples=args.samples,
+        shard_size=args.shard_size,
+        num_prompts=len(prompts),
+        settings=DistillSettings(
+            segments=segments,
+            skip=config.skip,
+            guidance_scale=config.guidance_scale,
+            num_train_timesteps=len(teacher.alphas_cumprod),
+        ),
+        alphas_cumprod=teacher.alphas_cumprod.to(device),
+        boundaries=identity["boundaries"],
+        latent_shape=identity["latent_shape"],
+        seed=config.seed,
+        teacher_hash=identity["teacher_hash"],
+        prompts_hash=identity["prompts_hash"],
+        batch_size=config.batch_size,
+        device=device,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        progress=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
+    log.info(
+        "trajectory states for %d segments in %s; train with --trajectories %s", segments, args.out, args.out
+    )
+    return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:

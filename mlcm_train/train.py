@@ -104,8 +104,8 @@ class StepTimer:
             self.label = previous
 
 
-class PromptOrder:
-    """Sample index -> prompt index: a fresh seeded permutation of all prompts every epoch."""
+class EpochOrder:
+    """Sample index -> item index (a prompt, a cached state): a fresh seeded permutation every epoch."""
 
     def __init__(self, count: int, seed: int, phase: int) -> None:
         self.count, self.seed, self.phase = count, seed, phase
@@ -123,6 +123,27 @@ def sample_generator(config: DistillConfig, phase: int, sample: int) -> torch.Ge
     return torch.Generator().manual_seed(derive_seed(config.seed, "sample", phase, sample))
 
 
+def load_inputs(
+    config: DistillConfig, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[Any, list[str], Any]:
+    """The frozen teacher, the prompt list and its text embeddings (encoded once for the run)."""
+    from .embeddings import EmbeddingCache
+    from .prompts import read_prompts
+    from .teacher import load_teacher
+
+    # Prompts first: a bad prompt file should fail before minutes of checkpoint loading.
+    prompts = read_prompts(config.prompts)
+    teacher = load_teacher(
+        config.teacher,
+        tokenizer_path=config.tokenizer_path,
+        comfyui_root=config.comfyui_root,
+        config_dir=config.teacher_config,
+        dtype=weight_dtype,
+        device=device,
+    )
+    return teacher, prompts, EmbeddingCache(teacher, prompts)
+
+
 def train(
     config: DistillConfig,
     *,
@@ -133,10 +154,6 @@ def train(
 ) -> TrainResult:
     """Run (or continue) a distillation; ``stop_after`` ends after that many global steps with a checkpoint."""
     from accelerate import Accelerator
-
-    from .embeddings import EmbeddingCache
-    from .prompts import read_prompts
-    from .teacher import load_teacher
 
     # --- devices and the run directory -------------------------------------------------------------
     mixed_precision = resolve_mixed_precision(config.mixed_precision)
@@ -161,18 +178,7 @@ def train(
 
     # --- teacher, prompts, embeddings, the LoRA student --------------------------------------------
     weight_dtype = WEIGHT_DTYPES[mixed_precision]
-    teacher = load_teacher(
-        config.teacher,
-        tokenizer_path=config.tokenizer_path,
-        comfyui_root=config.comfyui_root,
-        config_dir=config.teacher_config,
-        dtype=weight_dtype,
-        device=accelerator.device,
-    )
-    prompts = read_prompts(config.prompts)
-    if not prompts:
-        raise ValueError(f"no prompts found in {config.prompts}; give a text file with one prompt a line")
-    embeddings = EmbeddingCache(teacher, prompts)
+    teacher, prompts, embeddings = load_inputs(config, accelerator.device, weight_dtype)
     unet = teacher.unet
     params = attach_lora(
         unet,
@@ -241,7 +247,7 @@ def train(
     uncond_one = teacher.uncond(1).to(accelerator.device)
     latent_shape = tuple(teacher.latent_shape(1, config.resolution))[1:]
     feature_fn = _load_feature_fn(config, accelerator.device)
-    trajectories = _open_trajectories(config, teacher.family, latent_shape)
+    trajectories = _open_trajectories(config, teacher, prompts)
 
     # --- the phases ------------------------------------------------------------------------------------
     losses: list[float] = []
@@ -289,7 +295,9 @@ def train(
         if saved is not None and saved.state.phase == phase_index and saved.state.phase_step > 0:
             optimizer.load_state_dict(saved.optimizer)
         optimizer = accelerator.prepare_optimizer(optimizer)
-        order = PromptOrder(len(prompts), config.seed, phase_index)
+        order = EpochOrder(len(prompts), config.seed, phase_index)
+        use_cache = trajectories is not None and trajectories.segments == segments and stage == 1
+        cache_order = EpochOrder(len(trajectories), config.seed, phase_index) if use_cache else None
         log.info(
             "phase %d/%d: stage %d, %d segments, %d steps",
             phase_index + 1,
@@ -318,33 +326,37 @@ def train(
                 samples = range(first, first + batch)
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    prompt_ids = [order(i) for i in samples]
-                    cond = embeddings.get(prompt_ids).to(accelerator.device)
-                    uncond = uncond_one.repeat(batch)
                     generators = [sample_generator(config, phase_index, i) for i in samples]
-                    if stage == 1:
+                    uncond = uncond_one.repeat(batch)
+                    if stage == 1 and use_cache:
+                        cached = trajectories.batch([cache_order(i) for i in samples])
+                        cond = embeddings.get(cached["prompt_index"]).to(accelerator.device)
+                        z_tm, t_m, t_n, lo = (
+                            cached[k].to(accelerator.device) for k in ("z_tm", "t_m", "t_n", "lo")
+                        )
+                        z_tm = z_tm.float()
+                    elif stage == 1:
+                        cond = embeddings.get([order(i) for i in samples]).to(accelerator.device)
                         segment, t_m, t_n, lo = (
                             torch.cat(parts).to(accelerator.device)
                             for parts in zip(
                                 *(sample_stage1_timesteps(1, boundaries, config.skip, g) for g in generators)
                             )
                         )
-                        if trajectories is not None:
-                            z_tm = trajectories.states(samples, segments, t_m, lo).to(accelerator.device)
-                        else:
-                            noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
-                            with timer.charge("teacher_trajectory"):
-                                z_tm = mds_states(
-                                    teacher_eps,
-                                    noise.to(accelerator.device),
-                                    t_m,
-                                    segment,
-                                    cond,
-                                    uncond,
-                                    settings=settings,
-                                    alphas_cumprod=alphas_cumprod,
-                                    boundaries=boundaries,
-                                )
+                        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+                        with timer.charge("teacher_trajectory"):
+                            z_tm = mds_states(
+                                teacher_eps,
+                                noise.to(accelerator.device),
+                                t_m,
+                                segment,
+                                cond,
+                                uncond,
+                                settings=settings,
+                                alphas_cumprod=alphas_cumprod,
+                                boundaries=boundaries,
+                            )
+                    if stage == 1:
                         loss, stats = stage1_loss(
                             _timed(timer, "student_forward_backward", student_eps),
                             _timed(timer, "teacher_target", target_eps),
@@ -360,6 +372,7 @@ def train(
                             feature_fn=feature_fn,
                         )
                     else:
+                        cond = embeddings.get([order(i) for i in samples]).to(accelerator.device)
                         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
                         stage2_gen = torch.Generator(accelerator.device).manual_seed(
                             derive_seed(config.seed, "stage2", phase_index, state.phase_step, micro, first)
@@ -495,19 +508,57 @@ def _tensorboard_writer(config: DistillConfig, run_dir: Path):
 
 
 def _load_feature_fn(config: DistillConfig, device: torch.device):
+    """Latent-LPIPS features for the loss (paper option), or None to compare raw latents."""
     if config.lpips_path is None:
         return None
     from .lpips import load_latent_lpips
 
-    return load_latent_lpips(config.lpips_path, device=device)
+    model, _ = load_latent_lpips(config.lpips_path, device=device)
+    return model.features
 
 
-def _open_trajectories(config: DistillConfig, family: str, latent_shape: tuple[int, ...]):
+def trajectory_expectation(
+    config: DistillConfig, teacher: Any, prompts: list[str], segments: int
+) -> dict[str, Any]:
+    """The identity a trajectory folder must have to stand in for this run's online states."""
+    from .trajectories import prompts_hash, teacher_fingerprint, trajectory_identity
+
+    settings = DistillSettings(
+        segments=segments,
+        skip=config.skip,
+        guidance_scale=config.guidance_scale,
+        num_train_timesteps=len(teacher.alphas_cumprod),
+    )
+    return trajectory_identity(
+        settings=settings,
+        boundaries=segment_boundaries(segments, len(teacher.alphas_cumprod)),
+        latent_shape=tuple(teacher.latent_shape(1, config.resolution))[1:],
+        alphas_cumprod=teacher.alphas_cumprod,
+        teacher_hash=teacher_fingerprint(config.teacher),
+        prompts_hash=prompts_hash(prompts),
+    )
+
+
+def _open_trajectories(config: DistillConfig, teacher: Any, prompts: list[str]):
+    """The pre-generated states folder, checked against this run; None for online trajectories."""
     if config.trajectories is None:
         return None
     from .trajectories import TrajectoryDataset
 
-    return TrajectoryDataset(config.trajectories)
+    if 1 not in config.stages:
+        raise ValueError(
+            "--trajectories feeds stage 1 only, but this run has no stage 1; drop --trajectories"
+        )
+    dataset = TrajectoryDataset(config.trajectories)
+    if dataset.segments not in config.rounds:
+        raise ValueError(
+            f"{config.trajectories} holds states for {dataset.segments} segments but this run trains "
+            f"{list(config.rounds)}; regenerate them with --segments {config.rounds[0]}"
+        )
+    expected = trajectory_expectation(config, teacher, prompts, dataset.segments)
+    dataset = TrajectoryDataset(config.trajectories, expect=expected)
+    log.info("stage 1 reads %d pre-generated states from %s", len(dataset), config.trajectories)
+    return dataset
 
 
 def _write_samples(

@@ -158,3 +158,24 @@ def test_existing_run_needs_resume(sd15, tmp_path):
     assert list_checkpoints(tmp_path / "run")
     with pytest.raises(ValueError, match="--resume"):
         train(config)
+
+
+def test_pregenerated_trajectories_feed_stage1(sd15, tmp_path):
+    teacher, prompts = sd15
+    states = tmp_path / "states"
+    flags = ["--teacher", str(teacher), "--prompts", str(prompts), "--batch-size", "2"]
+    assert main(["trajectories", str(states), "--samples", "6", "--shard-size", "4", *flags]) == 0
+    assert sorted(p.name for p in states.glob("shard-*")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    config = tiny_config(
+        teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=2, trajectories=str(states)
+    )
+    result = train(config, profile=True)
+    assert result.state.global_step == 2 and all(loss >= 0 for loss in result.losses)
+    assert "teacher_trajectory" not in result.timings  # no teacher trajectory ran online
+    # a folder made for another run is refused with the differing fields named
+    other = tiny_config(teacher, prompts, tmp_path / "run2", stages=(1,), trajectories=str(states), skip=10)
+    with pytest.raises(ValueError, match="skip"):
+        train(other)
