@@ -289,8 +289,9 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
         t = torch.as_tensor(timesteps).to(device="cpu", dtype=torch.long).flatten()
         acp = self.alphas_cumprod[t]
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        a = acp.sqrt().to(device=original_samples.device, dtype=original_samples.dtype).view(shape)
-        s = (1.0 - acp).sqrt().to(device=original_samples.device, dtype=original_samples.dtype).view(shape)
+        # Cast on the CPU before moving: some devices (MPS) have no float64.
+        a = acp.sqrt().to(original_samples.dtype).to(original_samples.device).view(shape)
+        s = (1.0 - acp).sqrt().to(original_samples.dtype).to(original_samples.device).view(shape)
         return a * original_samples + s * noise
 
     def __len__(self) -> int:
