@@ -16,6 +16,7 @@ from mlcm.lora import (
     LoraWeights,
     MLCMLoraMetadata,
     kohya_name,
+    locate_lora_files,
     read_lora,
     to_kohya_state_dict,
     write_kohya_lora,
@@ -162,6 +163,10 @@ def test_renamed_mlcm_config_is_found_for_folder_and_for_the_file(tmp_path: Path
     shutil.copy(source / "adapter_model.safetensors", folder)
     shutil.copy(source / "adapter_config.json", folder / "lora_model_adapter_config.json")
     for path in (folder, folder / "adapter_model.safetensors"):
+        assert locate_lora_files(path) == (
+            folder / "adapter_model.safetensors",
+            folder / "lora_model_adapter_config.json",
+        )
         lora = read_lora(path)
         assert "lora_model_adapter_config.json" in lora.alpha_source
         _assert_deltas(lora, reference)
@@ -179,6 +184,9 @@ def test_bare_peft_file_assumes_default_alpha_8_and_says_how_to_override(
     bare = tmp_path / "loras" / "mlcm_lora.safetensors"
     bare.parent.mkdir()
     shutil.copy(adapters("plain")[0] / "adapter_model.safetensors", bare)
+    # A stranger's adapter_config.json in a shared loras folder is not this file's config.
+    (bare.parent / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 64}))
+    assert locate_lora_files(bare) == (bare, None)
     with caplog.at_level(logging.WARNING, logger="mlcm.lora"):
         lora = read_lora(bare)
     assert {module.alpha for module in lora.modules.values()} == {8.0}

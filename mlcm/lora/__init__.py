@@ -7,7 +7,7 @@ from .keys import TARGET_MODULE_PATTERNS, is_target_module, kohya_name, kohya_na
 from .metadata import MLCMLoraMetadata
 from .modules import LoraModule, LoraWeights
 from .peft_config import PEFT_DEFAULT_LORA_ALPHA, lora_from_peft_state_dict
-from .read import read_lora
+from .read import locate_lora_files, read_lora
 from .write import to_kohya_state_dict, write_kohya_lora
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "is_target_module",
     "kohya_name",
     "kohya_name_index",
+    "locate_lora_files",
     "lora_from_peft_state_dict",
     "read_lora",
     "to_kohya_state_dict",

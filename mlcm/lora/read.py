@@ -68,6 +68,14 @@ def read_lora(path: str | os.PathLike, *, alpha_override: float | None = None) -
     return lora
 
 
+def locate_lora_files(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """The (weights file, adapter config or None) that read_lora(path) reads; for cache keys."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA not found: {path} does not exist")
+    return _locate(path)
+
+
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """The weights file and, for PEFT layouts, the adapter config next to it."""
     if path.is_dir():
