@@ -243,6 +243,19 @@ def test_diffusers_save_lora_weights_reads_back_with_the_right_scale(
     _assert_deltas(lora, reference)
 
 
+def test_diffusers_save_lora_adapter_file_uses_its_bare_header_config(tmp_path: Path) -> None:
+    case = {"r": 4, "lora_alpha": 6}
+    unet, reference = _diffusers_unet_with_lora(case)
+    unet.save_lora_adapter(str(tmp_path))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        assert next(iter(handle.keys())).startswith(("down_blocks.", "mid_block.", "up_blocks."))
+        assert json.loads(handle.metadata()["lora_adapter_metadata"])["lora_alpha"] == 6
+    lora = read_lora(path)
+    assert {module.scale for module in lora.modules.values()} == {6 / 4}
+    _assert_deltas(lora, reference)
+
+
 def test_old_diffusers_processor_keys_map_to_attention_modules(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
