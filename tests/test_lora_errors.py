@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlcm.lora import LoraWeights, read_lora, write_kohya_lora
+from mlcm.lora import LoraModule, LoraWeights, read_lora, write_kohya_lora
 
 CONV1 = "down_blocks.0.resnets.0.conv1"
 
@@ -190,3 +190,13 @@ def test_writer_is_atomic_and_refuses_wrong_names(tmp_path: Path, monkeypatch: p
         write_kohya_lora(target, lora)
     assert target.read_bytes() == before
     assert os.listdir(target.parent) == ["lora.safetensors"]
+
+
+def test_fp16_overflow_is_refused_instead_of_writing_inf(tmp_path: Path) -> None:
+    big = LoraWeights(
+        {"lora_unet_conv_in": LoraModule(torch.full((1, 4), 1e5), torch.ones(4, 1), 1.0)}, None, "kohya"
+    )
+    with pytest.raises(ValueError, match=r"does not fit in torch.float16.*bfloat16"):
+        write_kohya_lora(tmp_path / "big.safetensors", big)
+    write_kohya_lora(tmp_path / "big.safetensors", big, dtype=torch.bfloat16)
+    assert read_lora(tmp_path / "big.safetensors").modules["lora_unet_conv_in"].down.dtype == torch.bfloat16

@@ -69,7 +69,9 @@ class LoraModule:
 class LoraWeights:
     """A UNet LoRA read from any supported format, normalised to kohya names with an explicit alpha."""
 
-    modules: dict[str, LoraModule]  # kohya name ("lora_unet_...") -> pair
+    # kohya name -> pair: "lora_unet_" + diffusers path for PEFT/diffusers input; kohya files keep their own
+    # names, which may spell LDM paths ("lora_unet_input_blocks_4_1_...") that ComfyUI maps just as well.
+    modules: dict[str, LoraModule]
     metadata: MLCMLoraMetadata | None  # our header metadata, None for foreign files
     source_format: str  # "peft" | "diffusers" | "kohya"
     ignored_keys: tuple[str, ...] = ()  # keys present in the file but not applied (text encoders)

@@ -27,8 +27,14 @@ def to_kohya_state_dict(lora: LoraWeights, *, dtype: torch.dtype = torch.float16
     state_dict: dict[str, Tensor] = {}
     for name in sorted(lora.modules):
         module = lora.modules[name]
-        state_dict[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous().clone()
-        state_dict[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous().clone()
+        for suffix, tensor in (("lora_down.weight", module.down), ("lora_up.weight", module.up)):
+            cast = tensor.detach().to("cpu", dtype).contiguous().clone()
+            if not bool(torch.isfinite(cast).all()):
+                raise ValueError(
+                    f"{name}.{suffix} does not fit in {dtype} (values up to {float(tensor.abs().max()):.3g}); "
+                    "export with dtype=torch.bfloat16 or torch.float32"
+                )
+            state_dict[f"{name}.{suffix}"] = cast
         # float32 even for fp16 weights: an rsLoRA alpha such as 8*sqrt(3) would lose 3 digits in fp16.
         state_dict[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
     return state_dict
