@@ -1,0 +1,292 @@
+"""``python -m mlcm_train demo``: distill MLCM and an LCM-style baseline from the shipped teacher, measure, report.
+
+1. Distill through ``mlcm_train.train.train`` with a ``DistillConfig`` (the code path users run on SDXL):
+   MLCM (8 segments, stage 1 then stage 2; the stage-1 LoRA is read from the phase-boundary checkpoint) and the
+   LCM-style baseline (one segment, stage 1 only, the same number of optimizer steps).
+2. Generate the same prompts from the same noise with every method and step count, decode, time.
+3. Score with the demo classifier (FD to held-out real digits, prompt accuracy, reward) and write the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mlcm import lcm_timesteps, segment_timesteps
+
+from . import data
+from .generate import Generated, consistency_sample, generate, teacher_cfg_ddim
+from .report import Row, write_grid, write_plot, write_table
+
+log = logging.getLogger(__name__)
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
+TIME_BUDGET_S = 15 * 60  # issue 4: the whole demo on 2 CPU cores, teacher retraining excluded
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What one demo run does; the defaults are the full demo, ``quick()`` the CI variant."""
+
+    out: Path = Path("reports/demo")
+    teacher: Path = ASSET_DIR
+    iterations: int = 300  # stage-1 optimizer steps, MLCM and the LCM baseline alike
+    stage2_iterations: int = 60  # stage-2 optimizer steps of MLCM
+    samples: int = 240  # evaluation images per table row (4 per caption)
+    batch_size: int = 16  # training batch
+    eval_batch_size: int = 120
+    lora_rank: int = 16
+    lr_stage1: float = 2e-3  # higher than SDXL's 1e-4: a tiny UNet and a few hundred steps
+    lr_stage2: float = 2e-4
+    guidance_scale: float = 3.0  # the teacher's CFG w, used in the DDIM rows and baked into the students
+    segments: int = 8
+    teacher_steps: int = 25
+    ddim_steps: tuple[int, ...] = (2, 4, 8)
+    lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
+    mlcm_steps: tuple[int, ...] = (1, 2, 3, 4, 8)
+    grid_columns: int = 10
+    seed: int = 0
+    threads: int = 2
+
+    @classmethod
+    def quick(cls, **changes: object) -> DemoSettings:
+        """Reduced CI variant: minutes instead of the full run; same rows, fewer iterations and samples."""
+        return replace(cls(), iterations=40, stage2_iterations=8, samples=60, **changes)
+
+
+@dataclass
+class DemoResult:
+    rows: list[Row]
+    files: dict[str, Path]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _prompt_file(folder: Path) -> Path:
+    path = folder / "prompts.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(data.all_captions()) + "\n", encoding="utf-8")
+    return path
+
+
+def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, stages: tuple[int, ...]):
+    """One ``train()`` run; returns {stage: LoRA state dict} read from the phase-boundary checkpoints."""
+    from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
+    from mlcm_train.config import DistillConfig
+    from mlcm_train.train import train
+
+    run_dir = settings.out / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the demo's own scratch folder; train() refuses to start over checkpoints
+    config = DistillConfig(
+        teacher=str(settings.teacher),
+        prompts=str(prompts),
+        segments=segments,
+        guidance_scale=settings.guidance_scale,
+        stages=stages,
+        stage1_steps=settings.iterations,
+        stage2_steps=settings.stage2_iterations,
+        lr_stage1=settings.lr_stage1,
+        lr_stage2=settings.lr_stage2,
+        lora_rank=settings.lora_rank,
+        batch_size=settings.batch_size,
+        mixed_precision="no",
+        seed=settings.seed,
+        output_dir=str(run_dir),
+        checkpoint_every=10**9,  # only the phase boundaries: they hold each stage's LoRA
+        checkpoints_keep=0,
+        sample_every=0,
+        sample_steps=tuple(s for s in (1, 2, 4, 8) if s <= segments),
+        log_every=10,
+    )
+    train(config)
+    loras = {}
+    for checkpoint in list_checkpoints(run_dir):
+        saved = load_checkpoint(checkpoint)
+        if saved.state.phase_step == 0 and saved.state.phase > 0:
+            loras[stages[saved.state.phase - 1]] = saved.lora
+    return loras
+
+
+def run_demo(settings: DemoSettings | None = None) -> DemoResult:
+    """The whole demo; writes ``table.md``, ``table.json``, ``samples.png`` and ``quality_vs_steps.png``."""
+    from tqdm.auto import tqdm
+
+    from mlcm_train.eval.demo_metrics import DemoEvaluator
+    from mlcm_train.student import adapters_disabled, attach_lora, load_lora_state_dict
+    from mlcm_train.teacher import load_teacher
+
+    from .classifier import load_classifier
+
+    settings = settings or DemoSettings()
+    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_path = _prompt_file(out)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    mlcm_loras = _distill(settings, prompts_path, "mlcm", settings.segments, (1, 2))
+    timings["distill_mlcm_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    lcm_loras = _distill(settings, prompts_path, "lcm", 1, (1,))
+    timings["distill_lcm_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    teacher = load_teacher(settings.teacher)
+    unet, acp = teacher.unet, teacher.alphas_cumprod
+    attach_lora(unet, rank=settings.lora_rank, alpha=float(settings.lora_rank), targets=_targets())
+    unet.requires_grad_(False)
+    evaluator = DemoEvaluator(load_classifier(settings.teacher))
+    prompts = [data.all_captions()[i % 60] for i in range(settings.samples)]
+    cond = teacher.encode_prompts(prompts)
+    uncond = teacher.uncond(settings.samples)
+    noise = torch.randn(
+        teacher.latent_shape(settings.samples), generator=torch.Generator().manual_seed(settings.seed)
+    )
+
+    def eps(z, t, c):
+        return unet(z, t, **c.unet_kwargs(), return_dict=False)[0].float()
+
+    def run(sampler) -> Generated:
+        return generate(
+            sampler,
+            teacher.vae,
+            noise,
+            cond,
+            uncond,
+            batch_size=settings.eval_batch_size,
+            select=lambda c, rows: c[rows],
+        )
+
+    def ddim(steps):
+        return lambda z, c, u: teacher_cfg_ddim(
+            eps, z, c, u, steps=steps, guidance_scale=settings.guidance_scale, alphas_cumprod=acp
+        )
+
+    def consistency(timesteps):
+        return lambda z, c, u: consistency_sample(
+            eps, z, c, timesteps=timesteps, alphas_cumprod=acp, seed=settings.seed
+        )
+
+    plan = [
+        ("teacher CFG-DDIM", s, 2 * s, None, ddim(s)) for s in (settings.teacher_steps, *settings.ddim_steps)
+    ]
+    plan += [
+        ("LCM-style (1 segment)", s, s, lcm_loras[1], consistency(lcm_timesteps(s)))
+        for s in settings.lcm_steps
+    ]
+    for stage, label in ((1, f"MLCM ({settings.segments} seg.)"), (2, "MLCM + stage 2")):
+        plan += [
+            (label, s, s, mlcm_loras[stage], consistency(segment_timesteps(s, settings.segments)))
+            for s in settings.mlcm_steps
+        ]
+    timings["eval_setup_s"] = time.perf_counter() - tick
+    rows: list[Row] = []
+    grid: list[tuple[str, torch.Tensor]] = []
+    tick = time.perf_counter()
+    for method, steps, evals, lora, sampler in tqdm(plan, desc="evaluate"):
+        if lora is None:
+            with adapters_disabled(unet):
+                generated = run(sampler)
+        else:
+            load_lora_state_dict(unet, lora)
+            generated = run(sampler)
+        scores = evaluator.score(generated.images, prompts)
+        rows.append(
+            Row(
+                method,
+                steps,
+                evals,
+                generated.seconds / settings.samples,
+                scores.fd,
+                scores.prompt_accuracy,
+                scores.reward,
+                scores.digit_accuracy,
+                scores.colour_accuracy,
+            )
+        )
+        grid.append((f"{method}\n{steps} steps", generated.images[: settings.grid_columns]))
+        log.info("%s %d steps: FD %.2f, prompt acc. %.3f", method, steps, scores.fd, scores.prompt_accuracy)
+    timings["evaluate_s"] = time.perf_counter() - tick
+    total = time.perf_counter() - started
+    files = {
+        "grid": write_grid(grid, prompts[: settings.grid_columns], out / "samples.png"),
+        "plot": write_plot(rows, rows[0], out / "quality_vs_steps.png"),
+    }
+    goals = check_goals(rows, settings)
+    extra = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()},
+        "seconds_total": total,
+        "timings": timings,
+        "goals": goals,
+        "threads": torch.get_num_threads(),
+    }
+    notes = (
+        goals_markdown(goals) + f"\nTotal demo time: {total:.0f} s on {torch.get_num_threads()} threads.\n"
+    )
+    files["table_md"], files["table_json"] = write_table(rows, out, extra, notes)
+    log.info("demo finished in %.0f s; report in %s", total, out)
+    return DemoResult(rows, files, total, timings)
+
+
+def _targets() -> tuple[str, ...]:
+    from mlcm_train.config import LORA_TARGET_MODULES
+
+    return LORA_TARGET_MODULES
+
+
+def _find(rows: list[Row], method_prefix: str, steps: int) -> Row | None:
+    return next((r for r in rows if r.method.startswith(method_prefix) and r.steps == steps), None)
+
+
+def check_goals(rows: list[Row], settings: DemoSettings) -> dict[str, dict]:
+    """Issue 4's goals, each with the measured value and whether it is met."""
+    teacher = rows[0]
+    mlcm = f"MLCM ({settings.segments}"
+    goals: dict[str, dict] = {}
+
+    def add(name: str, value: float, target: str, met: bool) -> None:
+        goals[name] = {"value": value, "target": target, "met": bool(met)}
+
+    m4, m2 = _find(rows, mlcm, 4), _find(rows, mlcm, 2)
+    if m4 is not None:
+        add("MLCM 4 steps FD / teacher FD", m4.fd / teacher.fd, "<= 1.2", m4.fd <= 1.2 * teacher.fd)
+        ratio = m4.prompt_accuracy / max(teacher.prompt_accuracy, 1e-9)
+        add("MLCM 4 steps prompt acc. / teacher", ratio, ">= 0.95", ratio >= 0.95)
+        speed = teacher.seconds_per_image / m4.seconds_per_image
+        add("teacher s/image / MLCM 4 steps s/image", speed, ">= 10", speed >= 10)
+    if m2 is not None:
+        add("MLCM 2 steps FD / teacher FD", m2.fd / teacher.fd, "<= 1.5", m2.fd <= 1.5 * teacher.fd)
+    for steps in (4, 8):
+        m, lcm, ddim = (
+            _find(rows, mlcm, steps),
+            _find(rows, "LCM-style", steps),
+            _find(rows, "teacher", steps),
+        )
+        if m is not None and lcm is not None:
+            add(f"MLCM {steps} steps FD / LCM-style FD", m.fd / lcm.fd, "< 1", m.fd < lcm.fd)
+        if m is not None and ddim is not None:
+            add(
+                f"MLCM {steps} steps FD / CFG-DDIM FD",
+                m.fd / ddim.fd,
+                "< 0.5 (wide margin)",
+                m.fd < 0.5 * ddim.fd,
+            )
+    return goals
+
+
+def goals_markdown(goals: dict[str, dict]) -> str:
+    lines = ["## Goals (issue 4)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
+    for name, g in goals.items():
+        value = g["value"]
+        shown = f"{value:.3f}" if math.isfinite(value) else str(value)
+        lines.append(f"| {name} | {shown} | {g['target']} | {'yes' if g['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
