@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -272,8 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m mlcm_train``; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under torchrun/accelerate launch every process runs this; only rank 0 reports progress.
+    is_main = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if is_main else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )

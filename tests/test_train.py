@@ -179,3 +179,26 @@ def test_pregenerated_trajectories_feed_stage1(sd15, tmp_path):
     other = tiny_config(teacher, prompts, tmp_path / "run2", stages=(1,), trajectories=str(states), skip=10)
     with pytest.raises(ValueError, match="skip"):
         train(other)
+
+
+def test_accumulation_and_checkpointing_match_one_big_batch(sd15, tmp_path):
+    """batch 4 == batch 2 x 2 micro-steps (with gradient checkpointing on): same samples, same mean gradient."""
+    teacher, prompts = sd15
+    big = train(tiny_config(teacher, prompts, tmp_path / "a", stages=(1,), stage1_steps=2, batch_size=4))
+    small = train(
+        tiny_config(
+            teacher,
+            prompts,
+            tmp_path / "b",
+            stages=(1,),
+            stage1_steps=2,
+            batch_size=2,
+            gradient_accumulation=2,
+            gradient_checkpointing=True,
+        )
+    )
+    torch.testing.assert_close(small.losses, big.losses, rtol=1e-4, atol=1e-9)
+    a, b = load_checkpoint(tmp_path / "a").lora, load_checkpoint(tmp_path / "b").lora
+    moved = max(t.abs().max().item() for k, t in a.items() if ".lora_B." in k)
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() < 0.05 * moved, name
