@@ -59,7 +59,9 @@ class TrainResult:
     checkpoint: Path | None
     exported: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per optimizer step (NaN where skipped)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per category (profile=True)
+    # Seconds per category and the number of timed steps ("steps"); with profile=True the first step is
+    # left out and CUDA is synchronised around each category.
+    timings: dict[str, float] = field(default_factory=dict)
     unet: torch.nn.Module | None = None  # the UNet with the trained LoRA attached (this process's copy)
 
 
@@ -251,6 +253,7 @@ def train(
 
     # --- the phases ------------------------------------------------------------------------------------
     losses: list[float] = []
+    warmed_up = False
     last_checkpoint = saved.path if saved is not None else None
 
     def checkpoint(optimizer: torch.optim.Optimizer | None) -> None:
@@ -433,6 +436,10 @@ def train(
                 state.nan_streak = 0
                 losses.append(accelerator.reduce(loss_sum, "mean").item() / accumulation)
             timer.seconds["total"] += time.perf_counter() - step_start
+            timer.seconds["steps"] += 1
+            if profile and not warmed_up:  # the first step pays one-off costs (allocations, lazy init)
+                timer.seconds.clear()
+                warmed_up = True
             state.phase_step += 1
             state.global_step += 1
             state.cursor = state.phase_step * global_batch
