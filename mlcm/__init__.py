@@ -12,6 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .lora import (
+    LoraModule,
+    LoraWeights,
+    MLCMLoraMetadata,
+    detect_family,
+    locate_lora_files,
+    read_lora,
+    to_kohya_state_dict,
+    write_kohya_lora,
+)
 from .sampling import UPDATE_RULES, default_noise_sampler, rule_eta, sample_mlcm
 from .segments import (
     DEFAULT_SEGMENTS,
@@ -28,6 +38,14 @@ if TYPE_CHECKING:
     from .scheduler import MLCMScheduler, MLCMSchedulerOutput
 
 __all__ = [
+    "LoraModule",
+    "LoraWeights",
+    "MLCMLoraMetadata",
+    "detect_family",
+    "locate_lora_files",
+    "read_lora",
+    "to_kohya_state_dict",
+    "write_kohya_lora",
     "DEFAULT_SEGMENTS",
     "NUM_TRAIN_TIMESTEPS",
     "SELECTIONS",
