@@ -353,7 +353,9 @@ def train_teacher(
         latents = encode_training_latents(components["vae"], train)
         scaling = float(1.0 / latents.std())  # SD's convention: unit-variance diffusion latents
         components["vae"].register_to_config(scaling_factor=scaling)
-        torch.save({"vae": components["vae"].state_dict(), "scaling_factor": scaling, "latents": latents}, vae_path)
+        torch.save(
+            {"vae": components["vae"].state_dict(), "scaling_factor": scaling, "latents": latents}, vae_path
+        )
     components["vae"].requires_grad_(False)
     latents = torch.load(vae_path, weights_only=True)["latents"]
     log.info("latent scaling factor %.4f", components["vae"].config.scaling_factor)
