@@ -78,12 +78,11 @@ class StubServer:
 
 @pytest.fixture()
 def graph_nodes(comfyui: Path, node_classes, loras_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Core SamplerCustom loaded as ComfyUI loads it, the test nodes registered, and a LoRA in `loras`."""
+    """ComfyUI's core extra nodes (SamplerCustom) loaded, the test nodes registered, and a LoRA in `loras`."""
     import nodes
 
-    if "SamplerCustom" not in nodes.NODE_CLASS_MAPPINGS:
-        path = comfyui / "comfy_extras" / "nodes_custom_sampler.py"
-        assert asyncio.run(nodes.load_custom_node(str(path), module_parent="comfy_extras"))
+    if "SamplerCustom" not in nodes.NODE_CLASS_MAPPINGS:  # the core extras, loaded as ComfyUI loads them
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     for name, cls in {
         "MLCMTestTinyModel": TinyModelNode,
         "MLCMTestConditioning": TinyConditioningNode,
