@@ -20,6 +20,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..mlcm.lora import LoraWeights, detect_family, read_lora, to_kohya_state_dict
+from ..mlcm.lora.read import PEFT_CONFIG_NAMES
 from .schedule import MODEL_OPTIONS_KEY
 
 logger = logging.getLogger(__name__)
@@ -34,15 +35,15 @@ _cache_lock = threading.Lock()
 
 
 def _fingerprint(path: str) -> tuple:
-    """Path, size and mtime of the LoRA file and the PEFT configs beside it: a changed file is re-read."""
-    folder = os.path.dirname(path)
-    parts = []
-    for candidate in (
+    """Path, size and mtime of the LoRA file and the PEFT configs read_lora may take beside it."""
+    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    candidates = (
         path,
-        os.path.join(folder, "adapter_config.json"),
-        os.path.join(folder, "lora_model_adapter_config.json"),
-    ):
-        if os.path.exists(candidate):
+        *(os.path.join(folder, name) for name in (*PEFT_CONFIG_NAMES, f"{stem}_adapter_config.json")),
+    )
+    parts = []
+    for candidate in candidates:
+        if os.path.isfile(candidate):
             stat = os.stat(candidate)
             parts.append((candidate, stat.st_size, stat.st_mtime_ns))
     return tuple(parts)
@@ -101,15 +102,15 @@ def check_coverage(lora: LoraWeights, key_map: dict, model_shapes: dict[str, tup
     unmapped, misfit = [], []
     for name, module in lora.modules.items():
         target = key_map.get(name)
-        if isinstance(target, tuple):  # (key, offset) targets slice a fused weight; load_lora checks those
-            target = target[0] if target[0] in model_shapes else None
-            if target is not None:
-                continue
-        if target is None or target not in model_shapes:
+        if isinstance(target, tuple):  # (key, offset): a slice of a fused weight; ComfyUI checks the slice
+            target, sliced = target[0], True
+        else:
+            sliced = False
+        if target not in model_shapes:
             unmapped.append(name)
             continue
         delta_shape = (module.up.shape[0], *module.down.shape[1:])
-        if _squeezed(delta_shape) != _squeezed(model_shapes[target]):
+        if not sliced and _squeezed(delta_shape) != _squeezed(model_shapes[target]):
             misfit.append(f"{name} {tuple(delta_shape)} vs {target} {tuple(model_shapes[target])}")
     total = len(lora.modules)
     if unmapped:

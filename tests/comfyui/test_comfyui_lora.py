@@ -242,3 +242,27 @@ def test_sdxl_lora_covers_every_target_module(comfyui, node_classes, loras_dir: 
     for name, key in targets.items():
         expected = base[key] + 0.5 * lora.modules[name].delta().reshape(base[key].shape)
         torch.testing.assert_close(weights[key], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_parsed_lora_is_cached_until_the_file_changes(
+    peft_case: dict, pack, node_classes, loras_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader_module = pack.module("nodes.lora_loader")
+    calls = []
+    real_read = loader_module.read_lora
+
+    def counting_read(path, **kwargs):
+        calls.append(path)
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(loader_module, "read_lora", counting_read)
+    name = install(peft_case["folder"], loras_dir)
+    load(node_classes, peft_case["patcher"], name)
+    load(node_classes, peft_case["patcher"], name, strength=0.5)  # same file: parsed once
+    assert len(calls) == 1
+    load(node_classes, peft_case["patcher"], name, alpha_override=4.0)  # another alpha: parsed again
+    assert len(calls) == 2
+    config = loras_dir / PEFT_FOLDER / "adapter_config.json"
+    config.write_text(config.read_text().replace(f'"lora_alpha": {PEFT_ALPHA}', '"lora_alpha": 16'))
+    _, report = load(node_classes, peft_case["patcher"], name)  # the config changed: read again
+    assert len(calls) == 3 and "16/4 = 4" in report
