@@ -203,17 +203,22 @@ def _run_distill(args: argparse.Namespace) -> int:
 def _run_trajectories(args: argparse.Namespace) -> int:
     """Pre-generate stage-1 teacher states for the first round's segment count (shared by ranks)."""
     import torch
-    from accelerate import Accelerator
 
     from .distill import DistillSettings
-    from .train import WEIGHT_DTYPES, load_inputs, resolve_mixed_precision, trajectory_expectation
+    from .train import (
+        WEIGHT_DTYPES,
+        load_inputs,
+        make_accelerator,
+        resolve_mixed_precision,
+        trajectory_expectation,
+    )
     from .trajectories import generate_trajectory_shards
 
     config = resolve_config(args)
     if not config.teacher or not config.prompts:
         raise ValueError("trajectories needs --teacher PATH and --prompts FILE")
     mixed_precision = resolve_mixed_precision(config.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = make_accelerator(mixed_precision)
     device = accelerator.device
     teacher, prompts, embeddings = load_inputs(config, device, WEIGHT_DTYPES[mixed_precision])
     segments = config.rounds[0]

@@ -125,6 +125,17 @@ def sample_generator(config: DistillConfig, phase: int, sample: int) -> torch.Ge
     return torch.Generator().manual_seed(derive_seed(config.seed, "sample", phase, sample))
 
 
+def make_accelerator(mixed_precision: str):
+    """An Accelerator for this run (CPU, one GPU, or the processes of torchrun/accelerate launch)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process; forget a previous run's precision so that several
+    # runs can share a process (demo, tests). The distributed setup (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def load_inputs(
     config: DistillConfig, device: torch.device, weight_dtype: torch.dtype
 ) -> tuple[Any, list[str], Any]:
@@ -155,11 +166,9 @@ def train(
     profile: bool = False,
 ) -> TrainResult:
     """Run (or continue) a distillation; ``stop_after`` ends after that many global steps with a checkpoint."""
-    from accelerate import Accelerator
-
     # --- devices and the run directory -------------------------------------------------------------
     mixed_precision = resolve_mixed_precision(config.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = make_accelerator(mixed_precision)
     is_main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
     saved = load_checkpoint(resume) if resume is not None else None

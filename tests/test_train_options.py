@@ -1,0 +1,107 @@
+"""Options of the distill loop: progressive rounds, LoRA EMA target, bf16 autocast, TensorBoard, loss decrease."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from test_train import PROMPTS, tiny_config
+from tiny_models import make_tiny_sd15
+
+from mlcm.lora import read_lora
+from mlcm_train.checkpoint import load_checkpoint
+from mlcm_train.train import train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd15")
+    (root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
+    return make_tiny_sd15(root), root / "prompts.txt"
+
+
+def test_progressive_rounds_run_in_sequence(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(
+        teacher,
+        prompts,
+        tmp_path / "run",
+        progressive=(8, 4),
+        stages=(1,),
+        stage1_steps=1,
+        sample_steps=(1, 2),
+    )
+    result = train(config)
+    assert result.state.global_step == 2 and result.state.phase == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["segments"] for r in rows] == [8, 4]
+    meta = read_lora(result.exported[0]).metadata
+    assert meta.segments == 4 and meta.stages == ("mlcd@8", "mlcd@4")
+    assert result.exported[0].name == "mlcm_sd15_4seg.safetensors"
+
+
+def test_ema_target_is_saved_and_lags_the_student(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=2, ema_decay=0.5)
+    train(config)
+    saved = load_checkpoint(tmp_path / "run")
+    assert saved.ema is not None and set(saved.ema) == set(saved.lora)
+    name = next(k for k in saved.lora if ".lora_B." in k and saved.lora[k].abs().max() > 0)
+    # B starts at 0; after two updates the EMA (decay 0.5) sits strictly between 0 and the student.
+    assert 0 < saved.ema[name].abs().max() < saved.lora[name].abs().max()
+
+
+def test_bf16_autocast_keeps_lora_fp32(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(
+        teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1, mixed_precision="bf16"
+    )
+    result = train(config)
+    assert math.isfinite(result.losses[0])
+    lora = [p for n, p in result.unet.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert result.unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_tensorboard_missing_is_explained(sd15, tmp_path, caplog):
+    pytest.importorskip("torch")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    teacher, prompts = sd15
+    config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1, tensorboard=True)
+    with caplog.at_level(logging.WARNING):
+        train(config)
+    assert "pip install tensorboard" in caplog.text
+
+
+@pytest.mark.slow
+def test_stage1_loss_falls_on_a_fixed_prompt_set(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(
+        teacher,
+        prompts,
+        tmp_path / "run",
+        stages=(1,),
+        stage1_steps=40,
+        batch_size=4,
+        lr_stage1=3e-3,
+        segments=2,
+    )
+    losses = train(config).losses
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
