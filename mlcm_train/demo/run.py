@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -126,7 +127,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
 
     settings = settings or DemoSettings()
     torch.set_num_threads(settings.threads)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts_path = _prompt_file(out)
@@ -225,9 +226,12 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     extra = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()},
         "seconds_total": total,
+        # CPU seconds of this process (all threads): wall time on a busy shared machine overstates the cost.
+        "cpu_seconds_total": time.process_time() - cpu_started,
         "timings": timings,
         "goals": goals,
         "threads": torch.get_num_threads(),
+        "load_average_1min_at_end": os.getloadavg()[0],  # other work sharing the cores during the run
     }
     notes = (
         goals_markdown(goals) + f"\nTotal demo time: {total:.0f} s on {torch.get_num_threads()} threads.\n"

@@ -1,0 +1,61 @@
+"""A reduced `python -m mlcm_train demo` end to end: report files, table structure and sanity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from mlcm_train.demo.cli import add_demo_subparser, add_eval_subparser
+from mlcm_train.demo.run import ASSET_DIR, DemoSettings, run_demo
+
+
+def test_demo_and_eval_subcommands_parse():
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command")
+    add_demo_subparser(commands)
+    add_eval_subparser(commands)
+    args = parser.parse_args(["demo", "--quick", "--out", "x", "--samples", "12"])
+    assert args.quick and args.samples == 12 and callable(args.run)
+    args = parser.parse_args(["eval", "--teacher", "t", "--prompts", "p", "--metrics", "demo,clip"])
+    assert args.metrics == "demo,clip" and callable(args.run)
+
+
+def test_shipped_teacher_loads_like_any_sd_folder():
+    from mlcm_train.teacher import load_teacher
+
+    teacher = load_teacher(ASSET_DIR)
+    assert teacher.family == "sd15" and teacher.resolution == 32
+    assert teacher.latent_shape(2) == (2, 4, 8, 8)
+    assert next(teacher.unet.parameters()).dtype.is_floating_point
+    embeds = teacher.encode_prompts(["a red seven on a dark background"]).prompt_embeds
+    assert embeds.shape[0] == 1 and math.isfinite(float(embeds.abs().sum()))
+
+
+@pytest.mark.slow
+def test_reduced_demo_end_to_end(tmp_path):
+    settings = DemoSettings.quick(out=tmp_path / "demo", samples=60, iterations=30, stage2_iterations=4)
+    result = run_demo(settings)
+    for name in ("table.md", "table.json", "samples.png", "quality_vs_steps.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    table = json.loads((tmp_path / "demo" / "table.json").read_text())
+    rows = table["rows"]
+    expected = (
+        [("teacher CFG-DDIM", s) for s in (25, 2, 4, 8)]
+        + [("LCM-style (1 segment)", s) for s in (1, 2, 4, 8)]
+        + [("MLCM (8 seg.)", s) for s in (1, 2, 3, 4, 8)]
+        + [("MLCM + stage 2", s) for s in (1, 2, 3, 4, 8)]
+    )
+    assert [(r["method"], r["steps"]) for r in rows] == expected
+    for r in rows:
+        for key in ("seconds_per_image", "fd", "prompt_accuracy", "reward"):
+            assert math.isfinite(r[key]), (r, key)
+        assert 0.0 <= r["prompt_accuracy"] <= 1.0 and r["fd"] >= 0.0
+    by = {(r["method"], r["steps"]): r for r in rows}
+    assert by[("MLCM (8 seg.)", 4)]["fd"] < by[("teacher CFG-DDIM", 4)]["fd"]
+    assert by[("teacher CFG-DDIM", 25)]["unet_evals"] == 50 and by[("MLCM (8 seg.)", 4)]["unet_evals"] == 4
+    md = (tmp_path / "demo" / "table.md").read_text()
+    assert "| method | steps | UNet evals | s/image | FD | prompt acc. | reward |" in md
+    assert result.seconds > 0 and "goals" in table
