@@ -26,7 +26,11 @@ SCHEDULER_NAME = "mlcm_segments"
 
 
 def mlcm_segments_scheduler(model_sampling: object, steps: int) -> torch.Tensor:
-    """KSampler scheduler: official-table sigmas for ``steps`` <= 8 segments (the standard MLCM LoRA)."""
+    """KSampler scheduler: official-table sigmas for ``steps`` <= 8 segments (the standard MLCM LoRA).
+
+    KSampler hands a scheduler only (model_sampling, steps), so the LoRA's own segment count is not
+    visible here; LoRAs trained with other segment counts need MLCMSegmentSchedule.
+    """
     if steps > DEFAULT_SEGMENTS:
         # KSampler asks for int(steps / denoise) sigmas and keeps the last steps + 1 (img2img).
         raise ValueError(

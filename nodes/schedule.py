@@ -61,8 +61,10 @@ def lora_segments(model: object) -> int | None:
     return int(segments) if segments else None
 
 
-def _check_ranges(steps: int, segments: int, denoise: float) -> str | None:
-    """ComfyUI skips its own min/max checks for inputs a validate_inputs declares, so repeat them here."""
+def _check_widgets(steps: int, segments: int, selection: str, denoise: float) -> str | None:
+    """ComfyUI skips its own min/max and list checks for inputs a validate_inputs declares: repeat them."""
+    if selection not in SELECTIONS:
+        return f"selection={selection!r} is unknown; choose one of {', '.join(SELECTIONS)}"
     if not 1 <= steps <= MAX_STEPS:
         return f"steps={steps} must be between 1 and {MAX_STEPS}"
     if not 0 <= segments <= MAX_SEGMENTS:
@@ -139,7 +141,7 @@ class MLCMSegmentSchedule(io.ComfyNode):
         """Reject impossible steps/segments/denoise combinations before the graph runs."""
         if any(value is None for value in (steps, segments, selection, denoise)):
             return True  # linked inputs are not known until execution
-        problem = _check_ranges(steps, segments, denoise)
+        problem = _check_widgets(steps, segments, selection, denoise)
         if problem is not None:
             return problem
         if denoise == 0.0 or segments == 0:

@@ -70,6 +70,7 @@ def test_validate_inputs_says_what_to_do(schedule: type) -> None:
     message = schedule.validate_inputs(steps=4, segments=8, selection="official", denoise=0.25)
     assert isinstance(message, str) and "raise denoise" in message
     assert "between" in schedule.validate_inputs(steps=0, segments=8, selection="official", denoise=1.0)
+    assert "unknown" in schedule.validate_inputs(steps=4, segments=0, selection="bogus", denoise=1.0)
     assert schedule.validate_inputs(steps=4, segments=8, selection="official", denoise=1.0) is True
     assert schedule.validate_inputs(steps=40, segments=0, selection="official", denoise=1.0) is True  # auto
     assert (
