@@ -205,7 +205,7 @@ def _run_trajectories(args: argparse.Namespace) -> int:
     import torch
 
     from .distill import DistillSettings
-    from .train import (
+    from .run_inputs import (
         WEIGHT_DTYPES,
         load_inputs,
         make_accelerator,

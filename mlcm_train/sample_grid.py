@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mlcm import sample_mlcm, segment_timesteps, sigmas_from_alphas_cumprod
+
+log = logging.getLogger(__name__)
 
 EpsFn = Callable[[Tensor, Tensor, object], Tensor]
 
@@ -101,3 +105,41 @@ def render_sample_grid(
         columns.append(decode_latents(vae, latents))
     rows = [[column[i] for column in columns] for i in range(noise.shape[0])]
     return save_grid(rows, path)
+
+
+def write_training_samples(
+    eps_fn: EpsFn,
+    teacher: Any,
+    embeddings: Any,
+    *,
+    prompt_count: int,
+    rows: int,
+    step_counts: Sequence[int],
+    segments: int,
+    resolution: int | None,
+    alphas_cumprod: Tensor,
+    path: str | Path,
+    seed: int,
+) -> Path | None:
+    """The periodic grid of a training run: the first ``rows`` prompts, fixed noise, every step count <= M."""
+    steps = [s for s in step_counts if s <= segments]
+    if not steps:
+        return None
+    count = min(rows, prompt_count)
+    device = alphas_cumprod.device
+    cond = embeddings.get(list(range(count))).to(device)
+    shape = tuple(teacher.latent_shape(count, resolution))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    path = render_sample_grid(
+        eps_fn,
+        teacher.vae,
+        cond,
+        noise,
+        step_counts=steps,
+        segments=segments,
+        alphas_cumprod=alphas_cumprod,
+        path=path,
+        seed=seed,
+    )
+    log.info("sample grid %s (rows: prompts, columns: %s steps)", path, steps)
+    return path

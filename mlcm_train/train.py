@@ -13,7 +13,6 @@ same global batch gives the same samples whatever the number of processes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -39,8 +38,19 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import DistillConfig
+from .data_order import EpochOrder, derive_seed, sample_generator
 from .distill import DistillSettings, mds_states, sample_stage1_timesteps, stage1_loss, stage2_loss
 from .export import export_lora
+from .run_inputs import (
+    WEIGHT_DTYPES,
+    load_feature_fn,
+    load_inputs,
+    make_accelerator,
+    open_trajectories,
+    resolve_mixed_precision,
+    tensorboard_writer,
+)
+from .sample_grid import write_training_samples
 from .student import LoraEMA, adapters_disabled, attach_lora, load_lora_state_dict, lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -63,22 +73,6 @@ class TrainResult:
     # left out and CUDA is synchronised around each category.
     timings: dict[str, float] = field(default_factory=dict)
     unet: torch.nn.Module | None = None  # the UNet with the trained LoRA attached (this process's copy)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of ints/strings (stable across runs, machines and processes)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    """``auto`` = bf16 on a CUDA device that supports it, otherwise fp32 ("no")."""
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class StepTimer:
@@ -104,57 +98,6 @@ class StepTimer:
             self._sync()
             self.seconds[label] += time.perf_counter() - start
             self.label = previous
-
-
-class EpochOrder:
-    """Sample index -> item index (a prompt, a cached state): a fresh seeded permutation every epoch."""
-
-    def __init__(self, count: int, seed: int, phase: int) -> None:
-        self.count, self.seed, self.phase = count, seed, phase
-        self._epochs: dict[int, Tensor] = {}
-
-    def __call__(self, sample: int) -> int:
-        epoch = sample // self.count
-        if epoch not in self._epochs:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.phase, epoch))
-            self._epochs = {epoch: torch.randperm(self.count, generator=generator)}
-        return int(self._epochs[epoch][sample % self.count])
-
-
-def sample_generator(config: DistillConfig, phase: int, sample: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(config.seed, "sample", phase, sample))
-
-
-def make_accelerator(mixed_precision: str):
-    """An Accelerator for this run (CPU, one GPU, or the processes of torchrun/accelerate launch)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one AcceleratorState per process; forget a previous run's precision so that several
-    # runs can share a process (demo, tests). The distributed setup (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
-
-
-def load_inputs(
-    config: DistillConfig, device: torch.device, weight_dtype: torch.dtype
-) -> tuple[Any, list[str], Any]:
-    """The frozen teacher, the prompt list and its text embeddings (encoded once for the run)."""
-    from .embeddings import EmbeddingCache
-    from .prompts import read_prompts
-    from .teacher import load_teacher
-
-    # Prompts first: a bad prompt file should fail before minutes of checkpoint loading.
-    prompts = read_prompts(config.prompts)
-    teacher = load_teacher(
-        config.teacher,
-        tokenizer_path=config.tokenizer_path,
-        comfyui_root=config.comfyui_root,
-        config_dir=config.teacher_config,
-        dtype=weight_dtype,
-        device=device,
-    )
-    return teacher, prompts, EmbeddingCache(teacher, prompts)
 
 
 def train(
@@ -257,8 +200,8 @@ def train(
 
     uncond_one = teacher.uncond(1).to(accelerator.device)
     latent_shape = tuple(teacher.latent_shape(1, config.resolution))[1:]
-    feature_fn = _load_feature_fn(config, accelerator.device)
-    trajectories = _open_trajectories(config, teacher, prompts)
+    feature_fn = load_feature_fn(config, accelerator.device)
+    trajectories = open_trajectories(config, teacher, prompts)
 
     # --- the phases ------------------------------------------------------------------------------------
     losses: list[float] = []
@@ -281,7 +224,7 @@ def train(
             log.info("checkpoint %s", last_checkpoint)
         accelerator.wait_for_everyone()
 
-    writer = _tensorboard_writer(config, run_dir) if is_main else None
+    writer = tensorboard_writer(config, run_dir) if is_main else None
     metrics_path = run_dir / "metrics.jsonl"
     phases = config.phases()
     for phase_index, (segments, stage) in enumerate(phases):
@@ -338,7 +281,7 @@ def train(
                 samples = range(first, first + batch)
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    generators = [sample_generator(config, phase_index, i) for i in samples]
+                    generators = [sample_generator(config.seed, phase_index, i) for i in samples]
                     uncond = uncond_one.repeat(batch)
                     if stage == 1 and use_cache:
                         cached = trajectories.batch([cache_order(i) for i in samples])
@@ -473,8 +416,18 @@ def train(
             if state.global_step % config.checkpoint_every == 0 and state.phase_step < steps:
                 checkpoint(optimizer)
             if is_main and config.sample_every and state.global_step % config.sample_every == 0:
-                _write_samples(
-                    config, teacher, embeddings, target_eps, segments, alphas_cumprod, run_dir, state
+                write_training_samples(
+                    target_eps,
+                    teacher,
+                    embeddings,
+                    prompt_count=state.prompt_count,
+                    rows=config.sample_prompts,
+                    step_counts=config.sample_steps,
+                    segments=segments,
+                    resolution=config.resolution,
+                    alphas_cumprod=alphas_cumprod,
+                    path=run_dir / "samples" / f"step-{state.global_step:07d}.png",
+                    seed=config.seed,
                 )
         progress.close()
         state.phase += 1
@@ -506,104 +459,3 @@ def _progress(total: int, initial: int, desc: str, disable: bool):
 
     # tqdm shows it/s and the ETA itself; the loss goes in the postfix.
     return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
-
-
-def _tensorboard_writer(config: DistillConfig, run_dir: Path):
-    if not config.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning(
-            "--tensorboard was given but the tensorboard package is not installed; "
-            "`pip install tensorboard` to get logs in %s/tensorboard (metrics.jsonl is written regardless)",
-            run_dir,
-        )
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def _load_feature_fn(config: DistillConfig, device: torch.device):
-    """Latent-LPIPS features for the loss (paper option), or None to compare raw latents."""
-    if config.lpips_path is None:
-        return None
-    from .lpips import load_latent_lpips
-
-    model, _ = load_latent_lpips(config.lpips_path, device=device)
-    return model.features
-
-
-def trajectory_expectation(
-    config: DistillConfig, teacher: Any, prompts: list[str], segments: int
-) -> dict[str, Any]:
-    """The identity a trajectory folder must have to stand in for this run's online states."""
-    from .trajectories import prompts_hash, teacher_fingerprint, trajectory_identity
-
-    settings = DistillSettings(
-        segments=segments,
-        skip=config.skip,
-        guidance_scale=config.guidance_scale,
-        num_train_timesteps=len(teacher.alphas_cumprod),
-    )
-    return trajectory_identity(
-        settings=settings,
-        boundaries=segment_boundaries(segments, len(teacher.alphas_cumprod)),
-        latent_shape=tuple(teacher.latent_shape(1, config.resolution))[1:],
-        alphas_cumprod=teacher.alphas_cumprod,
-        teacher_hash=teacher_fingerprint(config.teacher),
-        prompts_hash=prompts_hash(prompts),
-    )
-
-
-def _open_trajectories(config: DistillConfig, teacher: Any, prompts: list[str]):
-    """The pre-generated states folder, checked against this run; None for online trajectories."""
-    if config.trajectories is None:
-        return None
-    from .trajectories import TrajectoryDataset
-
-    if 1 not in config.stages:
-        raise ValueError(
-            "--trajectories feeds stage 1 only, but this run has no stage 1; drop --trajectories"
-        )
-    dataset = TrajectoryDataset(config.trajectories)
-    if dataset.segments not in config.rounds:
-        raise ValueError(
-            f"{config.trajectories} holds states for {dataset.segments} segments but this run trains "
-            f"{list(config.rounds)}; regenerate them with --segments {config.rounds[0]}"
-        )
-    expected = trajectory_expectation(config, teacher, prompts, dataset.segments)
-    dataset = TrajectoryDataset(config.trajectories, expect=expected)
-    log.info("stage 1 reads %d pre-generated states from %s", len(dataset), config.trajectories)
-    return dataset
-
-
-def _write_samples(
-    config: DistillConfig,
-    teacher: Any,
-    embeddings: Any,
-    eps_fn: Callable[..., Tensor],
-    segments: int,
-    alphas_cumprod: Tensor,
-    run_dir: Path,
-    state: TrainState,
-) -> None:
-    from .sample_grid import render_sample_grid
-
-    count = min(config.sample_prompts, state.prompt_count)
-    cond = embeddings.get(list(range(count))).to(alphas_cumprod.device)
-    shape = tuple(teacher.latent_shape(count, config.resolution))
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(alphas_cumprod.device)
-    steps = [s for s in config.sample_steps if s <= segments]
-    path = run_dir / "samples" / f"step-{state.global_step:07d}.png"
-    render_sample_grid(
-        eps_fn,
-        teacher.vae,
-        cond,
-        noise,
-        step_counts=steps,
-        segments=segments,
-        alphas_cumprod=alphas_cumprod,
-        path=path,
-        seed=config.seed,
-    )
-    log.info("sample grid %s (rows: prompts, columns: %s steps)", path, steps)
