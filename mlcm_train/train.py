@@ -62,6 +62,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss was NaN/inf for ``nan_patience`` optimizer steps in a row."""
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: a stage at a segment count, with its sample order."""
+
+    index: int
+    stage: int
+    settings: DistillSettings
+    boundaries: list[int]
+    order: EpochOrder  # sample -> prompt
+    cache_order: EpochOrder | None  # sample -> pre-generated state, when the cache serves this phase
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -203,6 +215,75 @@ def train(
     feature_fn = load_feature_fn(config, accelerator.device)
     trajectories = open_trajectories(config, teacher, prompts)
 
+    def batch_loss(phase: Phase, samples: range) -> tuple[Tensor, dict[str, float]]:
+        """The phase's loss on these global sample indices (stage 1: TLCM Eq. 7; stage 2: Eq. 10)."""
+        generators = [sample_generator(config.seed, phase.index, i) for i in samples]
+        uncond = uncond_one.repeat(len(samples))
+        if phase.stage == 1 and phase.cache_order is not None:
+            cached = trajectories.batch([phase.cache_order(i) for i in samples])
+            cond = embeddings.get(cached["prompt_index"]).to(accelerator.device)
+            z_tm, t_m, t_n, lo = (cached[k].to(accelerator.device) for k in ("z_tm", "t_m", "t_n", "lo"))
+            z_tm = z_tm.float()
+        elif phase.stage == 1:
+            cond = embeddings.get([phase.order(i) for i in samples]).to(accelerator.device)
+            segment, t_m, t_n, lo = (
+                torch.cat(parts).to(accelerator.device)
+                for parts in zip(
+                    *(sample_stage1_timesteps(1, phase.boundaries, config.skip, g) for g in generators)
+                )
+            )
+            noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+            with timer.charge("teacher_trajectory"):
+                z_tm = mds_states(
+                    teacher_eps,
+                    noise.to(accelerator.device),
+                    t_m,
+                    segment,
+                    cond,
+                    uncond,
+                    settings=phase.settings,
+                    alphas_cumprod=alphas_cumprod,
+                    boundaries=phase.boundaries,
+                )
+        if phase.stage == 1:
+            loss, stats = stage1_loss(
+                _timed(timer, "student_forward_backward", student_eps),
+                _timed(timer, "teacher_target", target_eps),
+                _timed(timer, "teacher_target", teacher_eps),
+                z_tm,
+                t_m,
+                t_n,
+                lo,
+                cond,
+                uncond,
+                settings=phase.settings,
+                alphas_cumprod=alphas_cumprod,
+                feature_fn=feature_fn,
+            )
+        else:
+            cond = embeddings.get([phase.order(i) for i in samples]).to(accelerator.device)
+            noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+            stage2_gen = torch.Generator(accelerator.device).manual_seed(
+                derive_seed(config.seed, "stage2", phase.index, samples[0])
+            )
+            loss, stats = stage2_loss(
+                _timed(timer, "student_forward_backward", student_eps),
+                _timed(timer, "teacher_target", target_eps),
+                _timed(timer, "teacher_target", teacher_eps),
+                noise.to(accelerator.device),
+                cond,
+                uncond,
+                settings=phase.settings,
+                alphas_cumprod=alphas_cumprod,
+                boundaries=phase.boundaries,
+                q=config.stage2_q,
+                p=config.stage2_p,
+                renoise=config.stage2_renoise,
+                generator=stage2_gen,
+                feature_fn=feature_fn,
+            )
+        return loss, stats
+
     # --- the phases ------------------------------------------------------------------------------------
     losses: list[float] = []
     warmed_up = False
@@ -250,9 +331,15 @@ def train(
         if saved is not None and saved.state.phase == phase_index and saved.state.phase_step > 0:
             optimizer.load_state_dict(saved.optimizer)
         optimizer = accelerator.prepare_optimizer(optimizer)
-        order = EpochOrder(len(prompts), config.seed, phase_index)
         use_cache = trajectories is not None and trajectories.segments == segments and stage == 1
-        cache_order = EpochOrder(len(trajectories), config.seed, phase_index) if use_cache else None
+        phase = Phase(
+            index=phase_index,
+            stage=stage,
+            settings=settings,
+            boundaries=boundaries,
+            order=EpochOrder(len(prompts), config.seed, phase_index),
+            cache_order=EpochOrder(len(trajectories), config.seed, phase_index) if use_cache else None,
+        )
         log.info(
             "phase %d/%d: stage %d, %d segments, %d steps",
             phase_index + 1,
@@ -261,6 +348,7 @@ def train(
             segments,
             steps,
         )
+
         progress = _progress(steps, state.phase_step, f"stage {stage} M={segments}", disable=not is_main)
 
         while state.phase_step < steps:
@@ -281,73 +369,7 @@ def train(
                 samples = range(first, first + batch)
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    generators = [sample_generator(config.seed, phase_index, i) for i in samples]
-                    uncond = uncond_one.repeat(batch)
-                    if stage == 1 and use_cache:
-                        cached = trajectories.batch([cache_order(i) for i in samples])
-                        cond = embeddings.get(cached["prompt_index"]).to(accelerator.device)
-                        z_tm, t_m, t_n, lo = (
-                            cached[k].to(accelerator.device) for k in ("z_tm", "t_m", "t_n", "lo")
-                        )
-                        z_tm = z_tm.float()
-                    elif stage == 1:
-                        cond = embeddings.get([order(i) for i in samples]).to(accelerator.device)
-                        segment, t_m, t_n, lo = (
-                            torch.cat(parts).to(accelerator.device)
-                            for parts in zip(
-                                *(sample_stage1_timesteps(1, boundaries, config.skip, g) for g in generators)
-                            )
-                        )
-                        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
-                        with timer.charge("teacher_trajectory"):
-                            z_tm = mds_states(
-                                teacher_eps,
-                                noise.to(accelerator.device),
-                                t_m,
-                                segment,
-                                cond,
-                                uncond,
-                                settings=settings,
-                                alphas_cumprod=alphas_cumprod,
-                                boundaries=boundaries,
-                            )
-                    if stage == 1:
-                        loss, stats = stage1_loss(
-                            _timed(timer, "student_forward_backward", student_eps),
-                            _timed(timer, "teacher_target", target_eps),
-                            _timed(timer, "teacher_target", teacher_eps),
-                            z_tm,
-                            t_m,
-                            t_n,
-                            lo,
-                            cond,
-                            uncond,
-                            settings=settings,
-                            alphas_cumprod=alphas_cumprod,
-                            feature_fn=feature_fn,
-                        )
-                    else:
-                        cond = embeddings.get([order(i) for i in samples]).to(accelerator.device)
-                        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
-                        stage2_gen = torch.Generator(accelerator.device).manual_seed(
-                            derive_seed(config.seed, "stage2", phase_index, state.phase_step, micro, first)
-                        )
-                        loss, stats = stage2_loss(
-                            _timed(timer, "student_forward_backward", student_eps),
-                            _timed(timer, "teacher_target", target_eps),
-                            _timed(timer, "teacher_target", teacher_eps),
-                            noise.to(accelerator.device),
-                            cond,
-                            uncond,
-                            settings=settings,
-                            alphas_cumprod=alphas_cumprod,
-                            boundaries=boundaries,
-                            q=config.stage2_q,
-                            p=config.stage2_p,
-                            renoise=config.stage2_renoise,
-                            generator=stage2_gen,
-                            feature_fn=feature_fn,
-                        )
+                    loss, stats = batch_loss(phase, samples)
                     if loss_hook is not None:
                         loss = loss_hook(state.global_step, loss)
                     # All processes must agree to skip, or DDP would wait forever for the others' gradients.
