@@ -12,9 +12,8 @@ spans ``[boundaries[M - s], boundaries[M - s - 1]]``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,8 @@ import torch
 from torch import Tensor
 
 from mlcm.segments import segment_boundaries
+from mlcm.vp import add_noise, ddim_to, x0_from_eps
+from mlcm_train.cond_batch import cat_cond, select_cond
 
 logger = logging.getLogger(__name__)
 
@@ -58,113 +59,6 @@ class DistillSettings:
             raise ValueError(
                 f"num_train_timesteps={self.num_train_timesteps} must exceed segments={self.segments}"
             )
-
-
-# --- shared VP maths (MLCM_METHOD.md §2); host-agnostic, candidates for mlcm/ ---------------------
-
-
-def _scalings(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """(a_t, s_t) = (sqrt(acp[t]), sqrt(1 - acp[t])) per sample, shaped to broadcast over ``like``."""
-    acp = alphas_cumprod.to(device=like.device)[t.to(device=like.device, dtype=torch.long)]
-    acp = acp.to(torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
-    return acp.sqrt(), (1.0 - acp).sqrt()
-
-
-def x0_from_eps(z: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Clean latent from a noise prediction: ``x0 = (z_t - s_t eps) / a_t`` (float32)."""
-    a_t, s_t = _scalings(alphas_cumprod, t, z)
-    return (z.float() - s_t * eps.float()) / a_t
-
-
-def ddim_to(z_t: Tensor, x0: Tensor, t: Tensor, s: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """DDIM from t to s given x0: ``z_s = a_s x0 + s_s (z_t - a_t x0) / s_t`` (identity when s == t)."""
-    a_t, s_t = _scalings(alphas_cumprod, t, z_t)
-    a_s, s_s = _scalings(alphas_cumprod, s, z_t)
-    x0 = x0.float()
-    return a_s * x0 + s_s * (z_t.float() - a_t * x0) / s_t
-
-
-def add_noise(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Forward diffusion to t: ``z_t = a_t x0 + s_t noise``."""
-    a_t, s_t = _scalings(alphas_cumprod, t, x0)
-    return a_t * x0.float() + s_t * noise.float()
-
-
-# --- conditioning plumbing: batch-first tensors inside tensors, mappings, sequences or dataclasses ----
-
-
-def _map_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor inside ``cond``, keeping its structure (a new object; cond untouched)."""
-    if cond is None or isinstance(cond, (str, bytes, int, float, bool)):
-        return cond
-    if isinstance(cond, Tensor):
-        return fn(cond)
-    if isinstance(cond, Mapping):
-        return type(cond)({k: _map_cond(v, fn) for k, v in cond.items()})
-    if isinstance(cond, (list, tuple)):
-        return type(cond)(_map_cond(v, fn) for v in cond)
-    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):
-        changes = {f.name: _map_cond(getattr(cond, f.name), fn) for f in dataclasses.fields(cond) if f.init}
-        return dataclasses.replace(cond, **changes)
-    raise TypeError(
-        f"cannot split or join conditioning of type {type(cond).__name__}; pass a tensor, a mapping, "
-        "a tuple or a dataclass of batch-first tensors"
-    )
-
-
-def select_cond(cond: Any, index: Tensor, batch_size: int) -> Any:
-    """Rows ``index`` of every batch-first tensor in ``cond``; tensors with batch 1 broadcast and are kept."""
-    index = index.to(torch.long)
-
-    def pick(x: Tensor) -> Tensor:
-        if x.ndim == 0 or x.shape[0] == 1 and batch_size != 1:
-            return x
-        if x.shape[0] != batch_size:
-            raise ValueError(
-                f"conditioning tensor of shape {tuple(x.shape)} is not batch-first for batch {batch_size}"
-            )
-        return x[index.to(x.device)]
-
-    return _map_cond(cond, pick)
-
-
-def _zip_cond(cond: Any, uncond: Any, fn: Callable[[Tensor, Tensor], Tensor]) -> Any:
-    """Walk ``cond`` and ``uncond`` in parallel and combine paired tensors with ``fn`` (same structure needed)."""
-    if isinstance(cond, Tensor) and isinstance(uncond, Tensor):
-        return fn(cond, uncond)
-    if cond is None or isinstance(cond, (str, bytes, int, float, bool)):
-        if cond != uncond:
-            raise ValueError(f"cond and uncond differ in a non-tensor field ({cond!r} vs {uncond!r})")
-        return cond
-    if isinstance(cond, Mapping) and isinstance(uncond, Mapping):
-        if set(cond) != set(uncond):
-            raise ValueError(f"cond and uncond have different keys: {sorted(cond)} vs {sorted(uncond)}")
-        return type(cond)({k: _zip_cond(v, uncond[k], fn) for k, v in cond.items()})
-    if isinstance(cond, (list, tuple)) and isinstance(uncond, (list, tuple)) and len(cond) == len(uncond):
-        return type(cond)(_zip_cond(c, u, fn) for c, u in zip(cond, uncond))
-    if dataclasses.is_dataclass(cond) and type(cond) is type(uncond):
-        changes = {
-            f.name: _zip_cond(getattr(cond, f.name), getattr(uncond, f.name), fn)
-            for f in dataclasses.fields(cond)
-            if f.init
-        }
-        return dataclasses.replace(cond, **changes)
-    raise TypeError(f"cannot join conditioning of types {type(cond).__name__} and {type(uncond).__name__}")
-
-
-def cat_cond(cond: Any, uncond: Any, batch_size: int) -> Any:
-    """``cond`` then ``uncond`` along the batch (2B rows); batch-1 tensors are expanded to the batch first."""
-
-    def join(c: Tensor, u: Tensor) -> Tensor:
-        if c.ndim == 0:
-            return c
-        c = c.expand(batch_size, *c.shape[1:]) if c.shape[0] == 1 else c
-        u = u.expand(batch_size, *u.shape[1:]) if u.shape[0] == 1 else u
-        if c.shape != u.shape:
-            raise ValueError(f"cond {tuple(c.shape)} and uncond {tuple(u.shape)} tensors do not match")
-        return torch.cat([c, u.to(device=c.device, dtype=c.dtype)])
-
-    return _zip_cond(cond, uncond, join)
 
 
 def cfg_eps(eps_fn: EpsFn, z: Tensor, t: Tensor, cond: Any, uncond: Any, guidance_scale: float) -> Tensor:

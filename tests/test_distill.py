@@ -13,20 +13,17 @@ import pytest
 import torch
 
 from mlcm.segments import scaled_linear_alphas_cumprod, segment_boundaries
+from mlcm.vp import add_noise, ddim_to, x0_from_eps
+from mlcm_train.cond_batch import cat_cond, select_cond
 from mlcm_train.distill import (
     DistillSettings,
-    add_noise,
-    cat_cond,
     cfg_eps,
     consistency_distance,
-    ddim_to,
     mds_states,
     sample_stage1_timesteps,
-    select_cond,
     stage1_loss,
     stage2_loss,
     stage2_student_timesteps,
-    x0_from_eps,
 )
 
 ACP = scaled_linear_alphas_cumprod()
