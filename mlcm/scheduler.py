@@ -98,7 +98,7 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
         selection: str = "official",
         eta: float = 1.0,
         timestep_spacing: str = "trailing",
-        steps_offset: int = 0,
+        steps_offset: int = 1,  # unused; 1 keeps SD pipelines from warning about an "outdated" config
         clip_sample: bool = False,
         set_alpha_to_one: bool = False,
     ) -> None:
