@@ -132,11 +132,11 @@ def train(
             f"{run_dir} already holds checkpoints; pass --resume {run_dir} to continue that run "
             "or choose another --output-dir"
         )
-    if saved is not None and saved.config.get("teacher") and saved.state.config_hash != config.config_hash():
+    if saved is not None and saved.state.config_hash != config.config_hash():
+        changed = sorted(k for k, v in config.to_dict().items() if saved.config.get(k) != v)
         log.warning(
-            "config differs from the checkpoint's (hash %s vs %s); the continuation will not match an uninterrupted run",
-            config.config_hash(),
-            saved.state.config_hash,
+            "resuming with a changed recipe (%s); the continuation will differ from an uninterrupted run",
+            ", ".join(changed),
         )
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
