@@ -22,6 +22,17 @@ from .config import DistillConfig
 
 log = logging.getLogger(__name__)
 
+DISTILL_EXAMPLES = """examples:
+  python -m mlcm_train distill --teacher models/checkpoints/sdxl.safetensors --prompts prompts.txt \\
+      --output-dir runs/sdxl                     # stage 1 then stage 2, exports runs/sdxl/export/*.safetensors
+  accelerate launch --multi_gpu --num_processes 4 -m mlcm_train distill ...   # DDP on 4 GPUs
+  python -m mlcm_train distill --resume runs/sdxl                             # continue exactly
+  python -m mlcm_train distill ... --progressive 8,4,2 --stages 1              # rounds with fewer segments
+  python -m mlcm_train trajectories states/ --teacher ... --prompts ... --samples 20000
+  python -m mlcm_train distill ... --trajectories states/                      # stage 1 from cached states
+  python -m mlcm_train export runs/sdxl --formats kohya,peft,diffusers
+"""
+
 
 def _field_comments() -> dict[str, str]:
     """The ``# comment`` after each field in DistillConfig's source, used as the flag's help."""
@@ -111,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an MLCM LoRA from a teacher checkpoint and a prompt file",
         description="Stage 1 (multistep LCD) and stage 2 (inter-segment consistency) in one run; "
         "checkpoints, resume, sample grids, export at the end.",
+        epilog=DISTILL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     distill.add_argument(
         "--config", type=Path, help="JSON file of config values; flags given here override it"

@@ -61,7 +61,7 @@ class DistillConfig:
     huber_c: float = 0.001  # Huber constant, LCM/diffusers convention
     lpips_path: str | None = None  # optional latent-LPIPS weights (.safetensors); None = raw latents
     stages: tuple[int, ...] = (1, 2)  # stage 1 (multistep LCD) then stage 2 (inter-segment)
-    progressive: tuple[int, ...] = ()  # segment counts of progressive rounds, e.g. (8, 4, 2) (ours)
+    progressive: tuple[int, ...] = ()  # rounds' segment counts, e.g. 8,4,2; replaces segments (ours)
     stage1_steps: int = 12000  # optimizer steps of stage 1 (paper, SDXL)
     stage2_steps: int = 2000  # optimizer steps of stage 2 (paper)
     lr_stage1: float = 1e-4  # AdamW learning rate, stage 1 (paper)
@@ -74,31 +74,33 @@ class DistillConfig:
     # --- LoRA ---
     lora_rank: int = 64  # official rank
     lora_alpha: float | None = None  # None = rank (scale 1.0); always recorded explicitly (ours)
-    lora_targets: tuple[str, ...] = LORA_TARGET_MODULES
+    lora_targets: tuple[str, ...] = LORA_TARGET_MODULES  # the official 14 UNet module patterns
 
     # --- optimisation ---
     batch_size: int = 4  # per device and per micro-step (ours: the paper does not state it)
     gradient_accumulation: int = 1  # micro-steps per optimizer step
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9  # AdamW (paper optimizer), torch defaults
+    adam_beta2: float = 0.999  # AdamW second-moment decay
     adam_weight_decay: float = 0.0  # diffusers LCM-LoRA README value
-    adam_eps: float = 1e-8
+    adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # diffusers LCM scripts
     mixed_precision: str = "auto"  # "auto" = bf16 on CUDA when supported, else fp32
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    seed: int = 0  # every random draw (LoRA init, prompts order, noise, timesteps) derives from it
     nan_patience: int = 5  # stop after this many non-finite losses in a row (ours)
 
     # --- run directory and bookkeeping (not part of config_hash) ---
-    output_dir: str = field(default="runs/mlcm", metadata=_BOOKKEEPING)
+    output_dir: str = field(default="runs/mlcm", metadata=_BOOKKEEPING)  # the run directory
     checkpoint_every: int = field(default=500, metadata=_BOOKKEEPING)  # optimizer steps
     checkpoints_keep: int = field(default=3, metadata=_BOOKKEEPING)  # newest kept; 0 = keep all
-    log_every: int = field(default=10, metadata=_BOOKKEEPING)
-    tensorboard: bool = field(default=False, metadata=_BOOKKEEPING)
+    log_every: int = field(default=10, metadata=_BOOKKEEPING)  # steps between metrics.jsonl rows
+    tensorboard: bool = field(default=False, metadata=_BOOKKEEPING)  # also log to <run>/tensorboard
     sample_every: int = field(default=1000, metadata=_BOOKKEEPING)  # 0 = no sample grids
     sample_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_BOOKKEEPING)  # > segments: skipped
     sample_prompts: int = field(default=4, metadata=_BOOKKEEPING)  # rows of each grid
-    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=_BOOKKEEPING)
+    export_formats: tuple[str, ...] = field(
+        default=("kohya",), metadata=_BOOKKEEPING
+    )  # kohya, peft, diffusers
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
