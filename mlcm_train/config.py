@@ -98,9 +98,7 @@ class DistillConfig:
     sample_every: int = field(default=1000, metadata=_BOOKKEEPING)  # 0 = no sample grids
     sample_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_BOOKKEEPING)  # > segments: skipped
     sample_prompts: int = field(default=4, metadata=_BOOKKEEPING)  # rows of each grid
-    export_formats: tuple[str, ...] = field(
-        default=("kohya",), metadata=_BOOKKEEPING
-    )  # kohya, peft, diffusers
+    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=_BOOKKEEPING)  # kohya/peft/diffusers
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
