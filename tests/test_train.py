@@ -197,6 +197,7 @@ def test_accumulation_and_checkpointing_match_one_big_batch(sd15, tmp_path):
             gradient_checkpointing=True,
         )
     )
+    assert small.unet.is_gradient_checkpointing and not big.unet.is_gradient_checkpointing
     torch.testing.assert_close(small.losses, big.losses, rtol=1e-4, atol=1e-9)
     a, b = load_checkpoint(tmp_path / "a").lora, load_checkpoint(tmp_path / "b").lora
     moved = max(t.abs().max().item() for k, t in a.items() if ".lora_B." in k)
