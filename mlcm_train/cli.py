@@ -222,6 +222,7 @@ def _run_trajectories(args: argparse.Namespace) -> int:
         WEIGHT_DTYPES,
         load_inputs,
         make_accelerator,
+        prompt_conditioning,
         resolve_mixed_precision,
         trajectory_expectation,
     )
@@ -236,7 +237,7 @@ def _run_trajectories(args: argparse.Namespace) -> int:
     teacher, prompts, embeddings = load_inputs(config, device, WEIGHT_DTYPES[mixed_precision])
     segments = config.rounds[0]
     identity = trajectory_expectation(config, teacher, prompts, segments)
-    uncond_one = teacher.uncond(1).to(device)
+    uncond_one = teacher.uncond(1, config.resolution).to(device)
 
     @torch.no_grad()
     def teacher_eps(z, t, cond):
@@ -244,7 +245,8 @@ def _run_trajectories(args: argparse.Namespace) -> int:
             return teacher.unet(z, t, **cond.unet_kwargs(), return_dict=False)[0].float()
 
     def prompts_cond(index):
-        return embeddings.get(index).to(device), uncond_one.repeat(len(index))
+        cond = prompt_conditioning(teacher, embeddings, index, config.resolution, device)
+        return cond, uncond_one.repeat(len(index))
 
     generate_trajectory_shards(
         teacher_eps,

@@ -126,3 +126,16 @@ def open_trajectories(config: DistillConfig, teacher: Any, prompts: list[str]):
     dataset = TrajectoryDataset(config.trajectories, expect=expected)
     log.info("stage 1 reads %d pre-generated states from %s", len(dataset), config.trajectories)
     return dataset
+
+
+def prompt_conditioning(
+    teacher: Any, embeddings: Any, indices: Any, resolution: int | None, device: torch.device
+):
+    """Cached text conditioning for prompt ``indices``; SDXL time ids follow the training resolution."""
+    cond = embeddings.get(indices).to(device)
+    if cond.time_ids is None or resolution is None:
+        return cond
+    # The cache encodes at the teacher's native size; SDXL's micro-conditioning must name the size we train at.
+    return type(cond)(
+        cond.prompt_embeds, cond.pooled_embeds, teacher.time_ids(len(cond), resolution).to(device)
+    )

@@ -47,6 +47,7 @@ from .run_inputs import (
     load_inputs,
     make_accelerator,
     open_trajectories,
+    prompt_conditioning,
     resolve_mixed_precision,
     tensorboard_writer,
 )
@@ -210,7 +211,11 @@ def train(
         with torch.no_grad(), adapters_disabled(unet):
             return call_unet(unet, z, t, cond)
 
-    uncond_one = teacher.uncond(1).to(accelerator.device)
+    uncond_one = teacher.uncond(1, config.resolution).to(accelerator.device)
+
+    def conditioning(prompt_ids: Any) -> Any:
+        return prompt_conditioning(teacher, embeddings, prompt_ids, config.resolution, accelerator.device)
+
     latent_shape = tuple(teacher.latent_shape(1, config.resolution))[1:]
     feature_fn = load_feature_fn(config, accelerator.device)
     trajectories = open_trajectories(config, teacher, prompts)
@@ -221,11 +226,11 @@ def train(
         uncond = uncond_one.repeat(len(samples))
         if phase.stage == 1 and phase.cache_order is not None:
             cached = trajectories.batch([phase.cache_order(i) for i in samples])
-            cond = embeddings.get(cached["prompt_index"]).to(accelerator.device)
+            cond = conditioning(cached["prompt_index"])
             z_tm, t_m, t_n, lo = (cached[k].to(accelerator.device) for k in ("z_tm", "t_m", "t_n", "lo"))
             z_tm = z_tm.float()
         elif phase.stage == 1:
-            cond = embeddings.get([phase.order(i) for i in samples]).to(accelerator.device)
+            cond = conditioning([phase.order(i) for i in samples])
             segment, t_m, t_n, lo = (
                 torch.cat(parts).to(accelerator.device)
                 for parts in zip(
@@ -261,7 +266,7 @@ def train(
                 feature_fn=feature_fn,
             )
         else:
-            cond = embeddings.get([phase.order(i) for i in samples]).to(accelerator.device)
+            cond = conditioning([phase.order(i) for i in samples])
             noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
             stage2_gen = torch.Generator(accelerator.device).manual_seed(
                 derive_seed(config.seed, "stage2", phase.index, samples[0])

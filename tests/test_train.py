@@ -13,6 +13,8 @@ from mlcm.lora import read_lora
 from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
 from mlcm_train.cli import main
 from mlcm_train.config import DistillConfig
+from mlcm_train.embeddings import EmbeddingCache
+from mlcm_train.run_inputs import prompt_conditioning
 from mlcm_train.teacher import load_teacher
 from mlcm_train.train import train
 
@@ -125,12 +127,18 @@ def test_sdxl_single_file_teacher_end_to_end(tmp_path):
         tokenizer_path=str(config_dir),
         segments=4,
         sample_steps=(1, 2, 4),
+        resolution=32,  # not the native 16: SDXL time ids and latents must follow it
+        sample_every=3,
     )
     assert main(["distill", *_flags(config)]) == 0
+    assert (tmp_path / "run" / "samples" / "step-0000003.png").is_file()
     lora = read_lora(tmp_path / "run" / "export" / "mlcm_sdxl_4seg.safetensors")
     assert lora.metadata.segments == 4 and lora.metadata.base_family == "sdxl"
     assert lora.metadata.recommended_steps == (1, 2, 4)
     teacher = load_teacher(config_dir)
+    cache = EmbeddingCache(teacher, ["a cat", "a dog"])
+    cond = prompt_conditioning(teacher, cache, [1, 0], 32, torch.device("cpu"))
+    assert cond.time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
     targeted = [name for name, _ in teacher.unet.named_modules() if name.endswith(("to_q", "conv1"))]
     assert {f"lora_unet_{n.replace('.', '_')}" for n in targeted} <= set(lora.modules)
 
