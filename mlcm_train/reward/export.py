@@ -1,0 +1,76 @@
+"""Export a reward-tuned LoRA: the distilled LoRA's formats and metadata, plus the reward stage's record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
+
+from ..config import DistillConfig
+from ..export import write_diffusers_file, write_peft_folder
+from ..reward_config import RewardConfig
+from .start import StartLora
+
+STAGE_PREFIX = "reward:"  # stages entry "reward:<reward name>" (MLCMLoraMetadata.stages)
+
+
+def reward_metadata(
+    start: StartLora,
+    config: RewardConfig,
+    *,
+    reward_name: str,
+    segments: int,
+    family: str,
+    facts: dict[str, Any],
+) -> MLCMLoraMetadata:
+    """The start LoRA's metadata with ``reward:<name>`` appended to its stages and the reward run's facts."""
+    base = start.metadata or MLCMLoraMetadata(segments=segments, base_family=family)
+    training = dict(base.training)
+    training["reward"] = {"config": config.to_dict(), "config_hash": config.config_hash(), **facts}
+    return MLCMLoraMetadata(
+        segments=base.segments or segments,
+        base_family=base.base_family or family,
+        recommended_steps=base.recommended_steps,
+        stages=(*base.stages, STAGE_PREFIX + reward_name),
+        training=training,
+    )
+
+
+def export_reward_lora(
+    lora_state: dict[str, torch.Tensor],
+    start: StartLora,
+    targets: Sequence[str],
+    meta: MLCMLoraMetadata,
+    out_dir: str | Path,
+    *,
+    formats: Sequence[str],
+    name: str | None = None,
+) -> list[Path]:
+    """Write the tuned LoRA (kohya with explicit alpha, optionally PEFT/diffusers) at the start LoRA's rank/alpha."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = name or f"mlcm_{meta.base_family}_{meta.segments}seg_reward"
+    # The PEFT/diffusers writers read rank, alpha and targets from a DistillConfig; this one carries only those.
+    shape = DistillConfig(lora_rank=start.rank, lora_alpha=start.alpha, lora_targets=tuple(targets))
+    written = []
+    if "kohya" in formats:
+        modules = lora_from_peft_state_dict(lora_state, r=start.rank, lora_alpha=start.alpha)
+        source = f"reward-tuned from {start.source} with lora_alpha={start.alpha:g}, r={start.rank}"
+        path = out_dir / f"{stem}.safetensors"
+        write_kohya_lora(
+            path, LoraWeights(modules, meta, "peft", (), source), metadata=meta, dtype=torch.float16
+        )
+        written.append(path)
+    if "peft" in formats:
+        written.append(write_peft_folder(out_dir / f"{stem}_peft", lora_state, shape))
+    if "diffusers" in formats:
+        written.append(write_diffusers_file(out_dir / f"{stem}_diffusers", lora_state, shape))
+    (out_dir / f"{stem}.config.json").write_text(
+        json.dumps(meta.training, indent=2, sort_keys=True), encoding="utf-8"
+    )
+    return written

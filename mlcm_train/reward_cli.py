@@ -1,0 +1,165 @@
+"""``python -m mlcm_train reward``: preference-tune a distilled MLCM LoRA (flags generated from RewardConfig).
+
+``add_reward_subparser(subparsers)`` registers the subcommand on the trainer's CLI (``mlcm_train/cli.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .reward_config import RewardConfig
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 2,4"
+        ) from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "str | None": _optional(str),
+    "int | None": _optional(int),
+    "float | None": _optional(float),
+    "tuple[int, ...]": _int_list,
+    "tuple[str, ...]": _str_list,
+}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field in the dataclass source, used as the flag's help."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def add_reward_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per RewardConfig field; unset flags stay absent (SUPPRESS)."""
+    comments = _field_comments(RewardConfig)
+    for field in dataclasses.fields(RewardConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        # argparse expands %-formats in help; the reward specs' examples may contain none, but escape anyway.
+        help_text = f"{comments.get(field.name, '')} (default: {shown})".replace("%", "%%")
+        if field.type == "bool":
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        if field.type not in _PARSERS:
+            raise TypeError(
+                f"RewardConfig.{field.name} has type {field.type}; add a parser for it in reward_cli.py"
+            )
+        parser.add_argument(
+            flag, dest=field.name, type=_PARSERS[field.type], default=argparse.SUPPRESS, help=help_text
+        )
+
+
+def add_reward_subparser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``reward`` on the trainer's subcommands (``parser.add_subparsers(...)``)."""
+    reward = subparsers.add_parser(
+        "reward",
+        help="tune a distilled MLCM LoRA toward a preference model (ImageReward, HPSv2, PickScore, aesthetic, ...)",
+        description="Student samples (1..q steps) are decoded and scored; gradients flow through the VAE decoder "
+        "into the LoRA only, with the stage-2 consistency loss as an anchor. Held-out evaluation, keep-best, "
+        "checkpoints, resume and export as in distill.",
+    )
+    reward.add_argument(
+        "--config", type=Path, help="JSON file of config values; flags given here override it"
+    )
+    reward.add_argument(
+        "--resume",
+        type=Path,
+        metavar="PATH",
+        help="continue exactly from a reward checkpoint or run directory",
+    )
+    reward.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    reward.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="checkpoint and stop after N optimizer steps; continue with --resume",
+    )
+    add_reward_flags(reward)
+    reward.set_defaults(run=run_reward)
+    return reward
+
+
+def resolve_reward_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RewardConfig:
+    """Defaults <- ``base`` (a saved config) <- ``--config`` file <- explicitly given flags."""
+    values: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None) is not None:
+        try:
+            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read --config {args.config}: {error}") from error
+    names = {f.name for f in dataclasses.fields(RewardConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return RewardConfig.from_dict(values)
+
+
+def run_reward(args: argparse.Namespace) -> int:
+    base = None
+    if args.resume is not None:
+        from .checkpoint import load_checkpoint
+
+        base = load_checkpoint(args.resume).config
+    config = resolve_reward_config(args, base)
+    if args.dry_run:
+        sys.stdout.write(config.to_json() + "\n")
+        return 0
+    from .reward.stage import train_reward
+
+    train_reward(config, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
+def reward_main(argv: Sequence[str]) -> int:
+    """``python -m mlcm_train reward ARGS`` on its own, with the trainer CLI's handling of known failures."""
+    import logging
+
+    from .checkpoint import CheckpointError
+    from .train import NonFiniteLossError
+
+    parser = argparse.ArgumentParser(prog="python -m mlcm_train")
+    add_reward_subparser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["reward", *argv])
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError, NonFiniteLossError) as error:
+        # Known, user-fixable failures: one clear line instead of a traceback.
+        logging.getLogger(__name__).error("%s", error)
+        return 2
