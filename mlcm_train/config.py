@@ -75,6 +75,9 @@ class DistillConfig:
     lora_rank: int = 64  # official rank
     lora_alpha: float | None = None  # None = rank (scale 1.0); always recorded explicitly (ours)
     lora_targets: tuple[str, ...] = LORA_TARGET_MODULES  # the official 14 UNet module patterns
+    init_lora: str | None = (
+        None  # start from this LoRA (kohya/PEFT/diffusers, same rank), e.g. a stage-1 run's
+    )
 
     # --- optimisation ---
     batch_size: int = 4  # per device and per micro-step (ours: the paper does not state it)

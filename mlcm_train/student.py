@@ -169,3 +169,33 @@ class LoraEMA:
             )
         for name, tensor in state.items():
             self.shadow[name].copy_(tensor)
+
+
+def load_lora_file(unet: nn.Module, path: str, *, rank: int, alpha: float) -> int:
+    """Start the adapter from an existing LoRA file/folder (kohya, PEFT, diffusers); returns modules loaded.
+
+    The file's own scale (its alpha / rank) is folded into B, so the student's effective weights equal
+    the file's as a loader would apply them (MLCM_METHOD.md §4). Ranks must match this run's.
+    """
+    from mlcm.lora import kohya_name, read_lora
+
+    lora = read_lora(path)
+    suffix = f".{ADAPTER_NAME}."
+    params = {name.replace(suffix, "."): p for name, p in unet.named_parameters() if ".lora_" in name}
+    modules = {name.rsplit(".lora_", 1)[0] for name in params}
+    by_kohya = {kohya_name(module): module for module in modules}
+    unknown = sorted(set(lora.modules) - set(by_kohya))
+    if unknown:
+        raise ValueError(
+            f"{path} has {len(unknown)} modules this UNet's LoRA does not (e.g. {unknown[0]}); "
+            "use a LoRA made for this teacher family with the same lora_targets"
+        )
+    with torch.no_grad():
+        for name, module in lora.modules.items():
+            if module.rank != rank:
+                raise ValueError(f"{path} has rank {module.rank} at {name}; pass --lora-rank {module.rank}")
+            path_in_unet = by_kohya[name]
+            down, up = params[f"{path_in_unet}.lora_A.weight"], params[f"{path_in_unet}.lora_B.weight"]
+            down.copy_(module.down.reshape(down.shape).to(down.dtype))
+            up.copy_((module.up * (module.scale / (alpha / rank))).reshape(up.shape).to(up.dtype))
+    return len(lora.modules)

@@ -52,7 +52,14 @@ from .run_inputs import (
     tensorboard_writer,
 )
 from .sample_grid import write_training_samples
-from .student import LoraEMA, adapters_disabled, attach_lora, load_lora_state_dict, lora_state_dict
+from .student import (
+    LoraEMA,
+    adapters_disabled,
+    attach_lora,
+    load_lora_file,
+    load_lora_state_dict,
+    lora_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +163,9 @@ def train(
         gradient_checkpointing=config.gradient_checkpointing,
         seed=derive_seed(config.seed, "lora_init"),
     )
+    if config.init_lora is not None and saved is None:
+        count = load_lora_file(unet, config.init_lora, rank=config.lora_rank, alpha=config.lora_alpha)
+        log.info("LoRA initialised from %s (%d modules)", config.init_lora, count)
     ema = LoraEMA(unet, config.ema_decay) if config.ema_decay is not None else None
     state = TrainState(0, 0, 0, 0, teacher.family, len(prompts), 0, config.config_hash())
     if saved is not None:

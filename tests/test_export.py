@@ -123,3 +123,26 @@ def test_bad_export_format_is_rejected(trained, tmp_path):
     _, _, unet, config, state = trained
     with pytest.raises(ValueError, match="unknown"):
         export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["ckpt"])
+
+
+def test_init_from_exported_lora_reproduces_the_student(trained, tmp_path):
+    """--init-lora: a kohya export loaded into a fresh adapter (other alpha) gives the same UNet outputs."""
+    from mlcm_train.student import load_lora_file
+
+    _, _, unet, config, state = trained
+    (path,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
+    fresh = build_tiny_sd15().unet
+    attach_lora(fresh, rank=RANK, alpha=float(RANK), targets=LORA_TARGET_MODULES)  # scale 1, not 0.5
+    assert load_lora_file(fresh, str(path), rank=RANK, alpha=float(RANK)) == len(read_lora(path).modules)
+    z, t, text = torch.randn(1, 4, 8, 8), torch.tensor([700]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh(z, t, encoder_hidden_states=text).sample,
+            unet(z, t, encoder_hidden_states=text).sample,
+            atol=1e-3,
+            rtol=1e-3,  # the kohya file stores fp16
+        )
+    other = build_tiny_sd15().unet
+    attach_lora(other, rank=2, alpha=2.0, targets=LORA_TARGET_MODULES)
+    with pytest.raises(ValueError, match="--lora-rank 4"):
+        load_lora_file(other, str(path), rank=2, alpha=2.0)

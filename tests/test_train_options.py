@@ -105,3 +105,14 @@ def test_stage1_loss_falls_on_a_fixed_prompt_set(sd15, tmp_path):
     losses = train(config).losses
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.7 * first, (first, last)
+
+
+def test_stage2_run_starts_from_a_stage1_export(sd15, tmp_path):
+    teacher, prompts = sd15
+    first = train(tiny_config(teacher, prompts, tmp_path / "s1", stages=(1,), stage1_steps=1))
+    config = tiny_config(teacher, prompts, tmp_path / "s2", stages=(2,), init_lora=str(first.exported[0]))
+    start = train(config, stop_after=0)  # checkpoint before any update: the initial LoRA
+    initial = load_checkpoint(start.checkpoint).lora
+    trained = load_checkpoint(tmp_path / "s1").lora
+    for name, tensor in trained.items():
+        torch.testing.assert_close(initial[name], tensor, atol=1e-3, rtol=1e-3)  # via the fp16 kohya file
