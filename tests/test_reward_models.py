@@ -6,48 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import make_tiny_tokenizer, tiny_vocab
+from tiny_reward_models import TINY_IMAGE, TINY_PROJECTION, make_tiny_clip
 
 from mlcm_train.eval.clip_score import ClipScorer, clip_preprocess
 from mlcm_train.eval.weights import MissingWeightsError
 from mlcm_train.reward.models import build_reward
 
-TINY_PROJECTION = 16
-TINY_IMAGE = 32
 PROMPTS = ["a red cat", "the dog"]
-
-
-def make_tiny_clip(folder):
-    """A random CLIPModel (text + vision, 1 layer each) with a tiny BPE tokenizer, saved with save_pretrained."""
-    from transformers import CLIPConfig, CLIPModel
-
-    vocab = tiny_vocab()
-    text = dict(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=TINY_IMAGE,
-        patch_size=8,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_PROJECTION))
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    make_tiny_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,257 @@
+"""The reward stage end to end on a tiny SD1.5 teacher and a LoRA from `distill`: only LoRA weights get
+gradients, the CLI exports a LoRA recording the stage, a toy reward rises, resume is exact, bad input fails."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from tiny_models import make_tiny_sd15, make_tiny_sdxl
+from tiny_reward_models import make_tiny_clip
+
+from mlcm.lora import read_lora
+from mlcm.segments import segment_timesteps
+from mlcm_train.checkpoint import TrainState
+from mlcm_train.config import DistillConfig
+from mlcm_train.eval.weights import MissingWeightsError
+from mlcm_train.export import export_lora
+from mlcm_train.reward.guard import HeldOut, RewardGuard
+from mlcm_train.reward.losses import reward_loss
+from mlcm_train.reward.models import build_reward
+from mlcm_train.reward.rollout import decode_latents, student_rollout
+from mlcm_train.reward.stage import train_reward
+from mlcm_train.reward.start import attach_start_lora, read_start_lora
+from mlcm_train.reward_cli import reward_main
+from mlcm_train.reward_config import RewardConfig
+from mlcm_train.student import attach_lora, lora_state_dict
+from mlcm_train.teacher import load_teacher
+from mlcm_train.train import train
+
+PROMPTS = "a red cat\na dog\nthe red dog\na cat\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """(teacher folder, prompt file, distill run dir, exported kohya LoRA) from a 2-step stage-1 run."""
+    root = tmp_path_factory.mktemp("reward")
+    prompts = root / "prompts.txt"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    teacher = make_tiny_sd15(root)
+    result = train(
+        DistillConfig(
+            teacher=str(teacher),
+            prompts=str(prompts),
+            output_dir=str(root / "distill"),
+            stages=(1,),
+            stage1_steps=2,
+            batch_size=2,
+            lora_rank=4,
+            lora_alpha=8.0,
+            sample_every=0,
+            checkpoint_every=100,
+        )
+    )
+    return teacher, prompts, root / "distill", result.exported[0]
+
+
+def tiny_reward_config(distilled, out, **changes) -> RewardConfig:
+    teacher, prompts, _, lora = distilled
+    values = dict(
+        teacher=str(teacher),
+        prompts=str(prompts),
+        lora=str(lora),
+        reward="brightness",
+        loss="maximise",
+        keep_best="reward",
+        iterations=4,
+        batch_size=2,
+        lr=1e-3,
+        student_steps=(1, 2),
+        anchor_q=2,
+        anchor_p=1,
+        eval_every=2,
+        eval_samples=2,
+        log_every=1,
+        output_dir=str(out),
+    )
+    values.update(changes)
+    return RewardConfig(**values)
+
+
+def test_gradients_reach_only_the_lora(distilled, tmp_path):
+    teacher_dir, _, _, lora = distilled
+    teacher = load_teacher(teacher_dir)
+    params = attach_start_lora(teacher.unet, read_start_lora(lora), family=teacher.family)
+    teacher.vae.enable_gradient_checkpointing()
+    reward = build_reward(f"clip*2={make_tiny_clip(tmp_path / 'clip')},brightness")
+    prompts = ["a red cat", "a dog"]
+    cond = teacher.encode_prompts(prompts)
+    generator = torch.Generator().manual_seed(0)
+    shape = teacher.latent_shape(2)
+    noise, renoise = torch.randn(shape, generator=generator), [torch.randn(shape, generator=generator)]
+
+    def eps(z, t, c):
+        return teacher.unet(z, t, **c.unet_kwargs(), return_dict=False)[0]
+
+    x0 = student_rollout(
+        eps, noise, renoise, cond, timesteps=segment_timesteps(2, 8), alphas_cumprod=teacher.alphas_cumprod
+    )
+    images = decode_latents(teacher.vae, x0, teacher.scaling_factor)
+    loss, _ = reward_loss(reward, images, prompts, loss="hinge", margin=16.0)
+    loss.backward()
+    lora_ids = {id(p) for p in params}
+    assert params and all(p.grad is not None for p in params)
+    assert sum(float(p.grad.abs().sum()) for p in params) > 0
+    frozen = [
+        *(p for p in teacher.unet.parameters() if id(p) not in lora_ids),
+        *teacher.vae.parameters(),
+        *(p for encoder in teacher.text_encoders for p in encoder.parameters()),
+        *(p for module in reward.modules() for p in module.parameters()),
+    ]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
+    config = tiny_reward_config(distilled, tmp_path / "run", heldout="brightness", keep_best="heldout")
+    argv = []
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    assert reward_main(argv) == 0
+    exported = tmp_path / "run" / "export" / "mlcm_sd15_8seg_reward.safetensors"
+    lora = read_lora(exported)
+    start = read_lora(distilled[3])
+    assert lora.metadata.stages == (*start.metadata.stages, "reward:brightness")
+    assert lora.metadata.training["reward"]["config"]["reward"] == "brightness"
+    assert lora.metadata.training["config"]["lora_alpha"] == 8.0  # the distill record is kept
+    assert set(lora.modules) == set(start.modules)
+    assert {m.scale for m in lora.modules.values()} == {2.0}  # trained alpha 8 / rank 4, kept explicit
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all("reward@1" in r and "heldout@2" in r for r in evals)
+    assert any("anchor_loss" in r for r in rows)
+    assert (tmp_path / "run" / "best" / "guard.json").is_file()
+
+
+def test_toy_reward_rises_starting_from_a_run_directory(distilled, tmp_path):
+    config = tiny_reward_config(
+        distilled,
+        tmp_path / "run",
+        lora=str(distilled[2]),  # the distill run directory (its newest checkpoint)
+        iterations=8,
+        eval_every=8,
+        lr=3e-2,
+        anchor_weight=0.0,
+        student_steps=(2,),
+        max_grad_norm=1e9,
+    )
+    result = train_reward(config)
+    first, last = result.evaluations[0], result.evaluations[-1]
+    assert (first["step"], last["step"]) == (0, 8)
+    assert last["reward"] > first["reward"] + 1e-3
+
+
+def test_resume_matches_an_uninterrupted_run(distilled, tmp_path):
+    straight = train_reward(tiny_reward_config(distilled, tmp_path / "straight"))
+    config = tiny_reward_config(distilled, tmp_path / "split")
+    half = train_reward(config, stop_after=2)
+    assert half.state.global_step == 2
+    resumed = train_reward(config, resume=tmp_path / "split")
+    assert resumed.state.global_step == 4
+    a, b = lora_state_dict(straight.unet), lora_state_dict(resumed.unet)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in resumed.evaluations] == [0, 2, 4]
+    torch.testing.assert_close(
+        torch.tensor(straight.losses[2:]), torch.tensor(resumed.losses), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_missing_reward_weights_fail_before_the_teacher_loads(distilled, tmp_path):
+    config = tiny_reward_config(distilled, tmp_path / "run", reward=f"pickscore={tmp_path / 'none'}")
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        train_reward(config)
+    assert (
+        reward_main(
+            [
+                "--teacher",
+                str(distilled[0]),
+                "--prompts",
+                str(distilled[1]),
+                "--lora",
+                str(distilled[3]),
+                "--reward",
+                "aesthetic",
+                "--keep-best",
+                "last",
+                "--output-dir",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_a_lora_for_another_family_is_refused(distilled, tmp_path):
+    sdxl = load_teacher(make_tiny_sdxl(tmp_path))
+    attach_lora(sdxl.unet, rank=4, alpha=4.0, targets=DistillConfig().lora_targets)
+    state = TrainState(2, 1, 0, 0, "sdxl", 4)
+    written = export_lora(lora_state_dict(sdxl.unet), DistillConfig(lora_rank=4), state, tmp_path / "sdxl")
+    config = tiny_reward_config(distilled, tmp_path / "run", lora=str(written[0]))
+    with pytest.raises(ValueError, match="trained for sdxl but the teacher is sd15"):
+        train_reward(config)
+
+
+def test_a_foreign_lora_without_metadata_is_refused_by_its_modules(distilled, tmp_path):
+    from mlcm.lora import write_kohya_lora
+
+    sdxl_lora = read_lora(
+        distilled[3]
+    )  # take the SD1.5 LoRA's pairs and rename one module to a path SD1.5 lacks
+    modules = dict(sdxl_lora.modules)
+    name = next(iter(modules))
+    modules["lora_unet_down_blocks_3_attentions_5_proj_in"] = modules.pop(name)
+    from mlcm.lora import LoraWeights
+
+    path = tmp_path / "foreign.safetensors"
+    write_kohya_lora(path, LoraWeights(modules, None, "kohya"), metadata=None)
+    config = tiny_reward_config(distilled, tmp_path / "run", lora=str(path))
+    with pytest.raises(ValueError, match="modules this teacher's UNet lacks"):
+        train_reward(config)
+
+
+def test_guard_keeps_the_best_and_warns_on_reward_hacking(tmp_path, caplog):
+    fd = HeldOut("fd", higher_is_better=False, measure=lambda images, prompts: 0.0)
+    guard = RewardGuard("heldout", fd, tmp_path)
+    weights = {f"w{i}": torch.full((2,), float(i)) for i in range(3)}
+    with caplog.at_level(logging.WARNING):
+        guard.record({"step": 0, "reward": -2.0, "heldout": 10.0}, {"w": weights["w0"]})
+        guard.record({"step": 5, "reward": -1.0, "heldout": 8.0}, {"w": weights["w1"]})
+        assert "reward hacking" not in caplog.text
+        guard.record({"step": 10, "reward": -0.5, "heldout": 12.0}, {"w": weights["w2"]})
+    assert "possible reward hacking at step 10" in caplog.text
+    assert guard.best["step"] == 5
+    torch.testing.assert_close(guard.best_lora()["w"], weights["w1"])
+    again = RewardGuard("heldout", fd, tmp_path)
+    again.restore(7)
+    assert [r["step"] for r in again.history] == [0, 5] and again.best["step"] == 5
+    assert RewardGuard("last", fd, tmp_path / "x").best_lora() is None
