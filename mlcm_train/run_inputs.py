@@ -5,7 +5,6 @@ the optional latent-LPIPS features and TensorBoard writer. Shared by `distill` a
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,21 +56,6 @@ def load_inputs(
         device=device,
     )
     return teacher, prompts, EmbeddingCache(teacher, prompts)
-
-
-def tensorboard_writer(config: DistillConfig, run_dir: Path):
-    if not config.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning(
-            "--tensorboard was given but the tensorboard package is not installed; "
-            "`pip install tensorboard` to get logs in %s/tensorboard (metrics.jsonl is written regardless)",
-            run_dir,
-        )
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def load_feature_fn(config: DistillConfig, device: torch.device):

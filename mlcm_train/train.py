@@ -13,12 +13,10 @@ same global batch gives the same samples whatever the number of processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +47,10 @@ from .run_inputs import (
     open_trajectories,
     prompt_conditioning,
     resolve_mixed_precision,
-    tensorboard_writer,
 )
+from .run_log import RunLog
 from .sample_grid import write_training_samples
+from .step_timer import StepTimer, timed
 from .student import (
     LoraEMA,
     adapters_disabled,
@@ -93,31 +92,6 @@ class TrainResult:
     # left out and CUDA is synchronised around each category.
     timings: dict[str, float] = field(default_factory=dict)
     unet: torch.nn.Module | None = None  # the UNet with the trained LoRA attached (this process's copy)
-
-
-class StepTimer:
-    """Seconds spent per category; synchronises CUDA when ``profile`` so async kernels are charged right."""
-
-    def __init__(self, profile: bool, device: torch.device) -> None:
-        self.profile, self.device = profile, device
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.label = "rest"
-
-    def _sync(self) -> None:
-        if self.profile and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def charge(self, label: str) -> Iterator[None]:
-        previous, self.label = self.label, label
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.seconds[label] += time.perf_counter() - start
-            self.label = previous
 
 
 def train(
@@ -262,9 +236,9 @@ def train(
                 )
         if phase.stage == 1:
             loss, stats = stage1_loss(
-                _timed(timer, "student_forward_backward", student_eps),
-                _timed(timer, "teacher_target", target_eps),
-                _timed(timer, "teacher_target", teacher_eps),
+                timed(timer, "student_forward_backward", student_eps),
+                timed(timer, "teacher_target", target_eps),
+                timed(timer, "teacher_target", teacher_eps),
                 z_tm,
                 t_m,
                 t_n,
@@ -282,9 +256,9 @@ def train(
                 derive_seed(config.seed, "stage2", phase.index, samples[0])
             )
             loss, stats = stage2_loss(
-                _timed(timer, "student_forward_backward", student_eps),
-                _timed(timer, "teacher_target", target_eps),
-                _timed(timer, "teacher_target", teacher_eps),
+                timed(timer, "student_forward_backward", student_eps),
+                timed(timer, "teacher_target", target_eps),
+                timed(timer, "teacher_target", teacher_eps),
                 noise.to(accelerator.device),
                 cond,
                 uncond,
@@ -320,8 +294,7 @@ def train(
             log.info("checkpoint %s", last_checkpoint)
         accelerator.wait_for_everyone()
 
-    writer = tensorboard_writer(config, run_dir) if is_main else None
-    metrics_path = run_dir / "metrics.jsonl"
+    run_log = RunLog(run_dir, tensorboard=config.tensorboard) if is_main else None
     phases = config.phases()
     for phase_index, (segments, stage) in enumerate(phases):
         if phase_index < state.phase:
@@ -434,7 +407,9 @@ def train(
             state.cursor = state.phase_step * global_batch
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4g}")
-            if is_main and (state.global_step % config.log_every == 0 or state.phase_step == steps):
+            if run_log is not None and (
+                state.global_step % config.log_every == 0 or state.phase_step == steps
+            ):
                 row = {
                     "global_step": state.global_step,
                     "phase": phase_index,
@@ -444,12 +419,7 @@ def train(
                     "lr": config.phase_lr(stage),
                     **{k: v for k, v in step_stats.items() if k != "loss"},
                 }
-                with open(metrics_path, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                if writer is not None:
-                    for key, value in row.items():
-                        if key not in ("global_step", "phase"):
-                            writer.add_scalar(f"train/{key}", value, state.global_step)
+                run_log.write(row)
             if state.global_step % config.checkpoint_every == 0 and state.phase_step < steps:
                 checkpoint(optimizer)
             if is_main and config.sample_every and state.global_step % config.sample_every == 0:
@@ -477,18 +447,9 @@ def train(
         exported = export_lora(lora_state_dict(unet), config, state, run_dir / "export")
         for path in exported:
             log.info("exported %s", path)
-        if writer is not None:
-            writer.close()
+        run_log.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state, last_checkpoint, exported, losses, dict(timer.seconds), unet)
-
-
-def _timed(timer: StepTimer, label: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def wrapped(*args: Any) -> Tensor:
-        with timer.charge(label):
-            return fn(*args)
-
-    return wrapped
 
 
 def _progress(total: int, initial: int, desc: str, disable: bool):
