@@ -144,9 +144,9 @@ def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
     assert set(lora.modules) == set(start.modules)
     assert {m.scale for m in lora.modules.values()} == {2.0}  # trained alpha 8 / rank 4, kept explicit
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if r.get("eval")]
-    assert [r["step"] for r in evals] == [0, 2, 4]
-    assert all("reward@1" in r and "heldout@2" in r for r in evals)
+    evals = [r for r in rows if "eval_reward" in r]
+    assert [r["global_step"] for r in evals] == [0, 2, 4]
+    assert all("eval_reward@1" in r and "eval_heldout@2" in r for r in evals)
     assert any("anchor_loss" in r for r in rows)
     assert (tmp_path / "run" / "best" / "guard.json").is_file()
 

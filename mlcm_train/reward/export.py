@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, 
 from ..config import DistillConfig
 from ..export import write_diffusers_file, write_peft_folder
 from ..reward_config import RewardConfig
+from .guard import RewardGuard
 from .start import StartLora
+
+log = logging.getLogger(__name__)
 
 STAGE_PREFIX = "reward:"  # stages entry "reward:<reward name>" (MLCMLoraMetadata.stages)
 
@@ -73,4 +77,37 @@ def export_reward_lora(
     (out_dir / f"{stem}.config.json").write_text(
         json.dumps(meta.training, indent=2, sort_keys=True), encoding="utf-8"
     )
+    return written
+
+
+def export_kept_lora(
+    guard: RewardGuard,
+    current: dict[str, torch.Tensor],
+    start: StartLora,
+    config: RewardConfig,
+    *,
+    reward_name: str,
+    segments: int,
+    family: str,
+    global_step: int,
+    out_dir: str | Path,
+) -> list[Path]:
+    """Export the LoRA the keep-best rule chose (the guard's best, or ``current`` for "last")."""
+    chosen = guard.best_lora() or current
+    kept_step = guard.best["step"] if guard.best is not None and config.keep_best != "last" else global_step
+    facts: dict[str, Any] = {
+        "global_step": global_step,
+        "kept_step": kept_step,
+        "keep_best": config.keep_best,
+    }
+    if guard.history:
+        kept = next((row for row in guard.history if row["step"] == kept_step), guard.history[-1])
+        facts["evaluations"] = {"first": guard.history[0], "kept": kept}
+    meta = reward_metadata(
+        start, config, reward_name=reward_name, segments=segments, family=family, facts=facts
+    )
+    targets = sorted({key.rsplit(".lora_", 1)[0] for key in chosen})
+    written = export_reward_lora(chosen, start, targets, meta, out_dir, formats=config.export_formats)
+    for path in written:
+        log.info("exported %s (weights of step %d, keep-best rule %s)", path, kept_step, config.keep_best)
     return written

@@ -31,23 +31,23 @@ from ..checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from ..config import DistillConfig
 from ..data_order import EpochOrder, derive_seed, sample_generator
-from ..distill import DistillSettings, stage2_loss
+from ..distill import stage2_loss
 from ..reward_config import RewardConfig
 from ..run_inputs import (
     WEIGHT_DTYPES,
     load_inputs,
     make_accelerator,
     resolve_mixed_precision,
-    tensorboard_writer,
 )
+from ..run_log import RunLog
 from ..student import adapters_disabled, load_lora_state_dict, lora_state_dict
 from ..train import NonFiniteLossError
-from .export import export_reward_lora, reward_metadata
+from .export import export_kept_lora
 from .guard import RewardGuard, build_heldout
 from .losses import reward_loss
 from .models import build_reward
+from .recipe import anchor_settings, distill_view, resolve_segments
 from .rollout import decode_latents, student_rollout
 from .start import attach_start_lora, read_start_lora
 
@@ -55,8 +55,6 @@ log = logging.getLogger(__name__)
 
 # Phase indices for the seeded data streams (distinct from distill's phases by the "reward" tag below).
 ROLLOUT_STREAM, ANCHOR_STREAM, EVAL_STREAM = 0, 1, 2
-DEFAULT_SEGMENTS = 8  # MLCM's M when the LoRA does not record it
-DEFAULT_GUIDANCE = 8.0  # the paper's teacher CFG when the LoRA does not record it
 
 
 @dataclass
@@ -68,32 +66,6 @@ class RewardResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step (NaN where skipped)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     unet: torch.nn.Module | None = None  # the UNet with the tuned LoRA attached (this process's copy)
-
-
-def _distill_view(config: RewardConfig) -> DistillConfig:
-    """The teacher/prompt fields of the run as a DistillConfig, for run_inputs.load_inputs."""
-    return DistillConfig(
-        teacher=config.teacher,
-        prompts=config.prompts,
-        teacher_config=config.teacher_config,
-        tokenizer_path=config.tokenizer_path,
-        comfyui_root=config.comfyui_root,
-        resolution=config.resolution,
-    )
-
-
-def anchor_settings(
-    config: RewardConfig, distilled: dict[str, Any] | None, segments: int, steps: int
-) -> DistillSettings:
-    """The stage-2 settings of the anchor: the LoRA's own recipe where recorded, the config's overrides on top."""
-    recipe = distilled or {}
-    return DistillSettings(
-        segments=segments,
-        guidance_scale=config.guidance_scale or float(recipe.get("guidance_scale", DEFAULT_GUIDANCE)),
-        loss_type=recipe.get("loss_type", "l2"),
-        huber_c=float(recipe.get("huber_c", 0.001)),
-        num_train_timesteps=steps,
-    )
 
 
 def train_reward(
@@ -127,7 +99,7 @@ def train_reward(
 
     # --- teacher, prompts, the LoRA student ---------------------------------------------------------------
     weight_dtype = WEIGHT_DTYPES[mixed_precision]
-    teacher, prompts, embeddings = load_inputs(_distill_view(config), device, weight_dtype)
+    teacher, prompts, embeddings = load_inputs(distill_view(config), device, weight_dtype)
     unet, vae = teacher.unet, teacher.vae
     params = attach_start_lora(
         unet,
@@ -139,12 +111,7 @@ def train_reward(
     if config.vae_checkpointing and hasattr(vae, "enable_gradient_checkpointing"):
         vae.enable_gradient_checkpointing()
     num_steps = len(teacher.alphas_cumprod)
-    segments = config.segments or (start.metadata.segments if start.metadata else None) or DEFAULT_SEGMENTS
-    too_many = [s for s in (*config.student_steps, *config.evaluated_steps) if s > segments]
-    if too_many:
-        raise ValueError(
-            f"step counts {too_many} exceed the LoRA's {segments} segments; use at most {segments}"
-        )
+    segments = resolve_segments(config, start)
     settings = anchor_settings(config, start.distill_config, segments, num_steps)
     boundaries = segment_boundaries(segments, num_steps)
     renoise_mode = (start.distill_config or {}).get("stage2_renoise", "same")
@@ -304,18 +271,15 @@ def train_reward(
             row = evaluate(state.global_step)
             guard.record(row, lora_state_dict(unet))
             log.info("evaluation %s", json.dumps(row))
-            _append_metrics(metrics_path, {"eval": True, **row})
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "step":
-                        writer.add_scalar(f"eval/{key}", value, state.global_step)
+            run_log.write(
+                {"global_step": row["step"], **{f"eval_{k}": v for k, v in row.items() if k != "step"}}
+            )
         accelerator.wait_for_everyone()
 
     # --- the loop ----------------------------------------------------------------------------------------------
     losses: list[float] = []
     last_checkpoint = saved.path if saved is not None else None
-    writer = tensorboard_writer(config, run_dir) if is_main else None
-    metrics_path = run_dir / "metrics.jsonl"
+    run_log = RunLog(run_dir, tensorboard=config.tensorboard) if is_main else None
 
     def checkpoint() -> None:
         nonlocal last_checkpoint
@@ -415,11 +379,7 @@ def train_reward(
                 "lr": config.lr,
                 **stats,
             }
-            _append_metrics(metrics_path, row)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "global_step":
-                        writer.add_scalar(f"train/{key}", value, state.global_step)
+            run_log.write(row)
         if state.global_step % config.checkpoint_every == 0 and state.global_step < config.iterations:
             checkpoint()
     progress.close()
@@ -429,31 +389,17 @@ def train_reward(
     # --- export: the LoRA the keep-best rule chose ---------------------------------------------------------------
     exported: list[Path] = []
     if is_main:
-        chosen = guard.best_lora() or lora_state_dict(unet)
-        best_step = (
-            guard.best["step"] if guard.best is not None and config.keep_best != "last" else state.global_step
+        exported = export_kept_lora(
+            guard,
+            lora_state_dict(unet),
+            start,
+            config,
+            reward_name=reward.name,
+            segments=segments,
+            family=teacher.family,
+            global_step=state.global_step,
+            out_dir=run_dir / "export",
         )
-        facts = {"global_step": state.global_step, "kept_step": best_step, "keep_best": config.keep_best}
-        if guard.history:
-            facts["evaluations"] = {
-                "first": guard.history[0],
-                "kept": next((r for r in guard.history if r["step"] == best_step), guard.history[-1]),
-            }
-        meta = reward_metadata(
-            start, config, reward_name=reward.name, segments=segments, family=teacher.family, facts=facts
-        )
-        targets = sorted({k.rsplit(".lora_", 1)[0] for k in chosen})
-        exported = export_reward_lora(
-            chosen, start, targets, meta, run_dir / "export", formats=config.export_formats
-        )
-        for path in exported:
-            log.info("exported %s (weights of step %d, keep-best rule %s)", path, best_step, config.keep_best)
-        if writer is not None:
-            writer.close()
+        run_log.close()
     accelerator.wait_for_everyone()
     return RewardResult(run_dir, state, last_checkpoint, exported, losses, guard.history, unet)
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
