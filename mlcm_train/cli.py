@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--name", default=None, help="file stem (default: mlcm_<family>_<segments>seg)")
     export.set_defaults(run=_run_export)
+
+    # Subcommands owned by their features (issues 4 and 5); each module builds its own flags.
+    from .demo.cli import add_demo_subparser, add_eval_subparser
+    from .reward_cli import add_reward_subparser
+
+    add_reward_subparser(commands)
+    add_demo_subparser(commands)
+    add_eval_subparser(commands)
     return parser
 
 
