@@ -163,3 +163,15 @@ def reward_main(argv: Sequence[str]) -> int:
         # Known, user-fixable failures: one clear line instead of a traceback.
         logging.getLogger(__name__).error("%s", error)
         return 2
+
+
+if __name__ == "__main__":  # python -m mlcm_train.reward_cli ARGS (also under torchrun / accelerate launch)
+    import logging
+    import os
+
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    sys.exit(reward_main(sys.argv[1:]))
