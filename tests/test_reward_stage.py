@@ -255,3 +255,52 @@ def test_guard_keeps_the_best_and_warns_on_reward_hacking(tmp_path, caplog):
     again.restore(7)
     assert [r["step"] for r in again.history] == [0, 5] and again.best["step"] == 5
     assert RewardGuard("last", fd, tmp_path / "x").best_lora() is None
+
+
+def test_heldout_measures_and_their_direction(tmp_path):
+    from mlcm_train.demo import data
+    from mlcm_train.demo.classifier import ClassifierRecipe, DigitClassifier, save_classifier
+    from mlcm_train.reward.guard import build_heldout
+
+    recipe = ClassifierRecipe(channels=(4, 4, 4), features=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        save_classifier(DigitClassifier(recipe.channels, recipe.features), tmp_path, recipe)
+    fd = build_heldout(f"fd={tmp_path}")
+    prompts = [data.caption(d % 10, d % 3) for d in range(12)]
+    images = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(6))  # resized to 32 px
+    value = fd.measure(images, prompts)
+    assert not fd.higher_is_better and value > 0 and value == fd.measure(images, prompts)
+    second = build_heldout("brightness")
+    assert second.higher_is_better and second.measure(images, prompts) == pytest.approx(
+        float(build_reward("brightness")(images, prompts).mean())
+    )
+    with pytest.raises(ValueError, match="demo classifier folder"):
+        build_heldout("fd")
+
+
+def test_dry_run_prints_the_resolved_config(distilled, tmp_path, capsys):
+    teacher, prompts, _, lora = distilled
+    argv = [
+        "--teacher",
+        str(teacher),
+        "--prompts",
+        str(prompts),
+        "--lora",
+        str(lora),
+        "--reward",
+        "brightness",
+    ]
+    assert reward_main([*argv, "--keep-best", "reward", "--student-steps", "2,4", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["student_steps"] == [2, 4] and printed["margin"] == 16.0 and printed["lr"] == 1e-5
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_reward_run_checkpoint_is_not_a_start_lora(distilled, tmp_path):
+    train_reward(tiny_reward_config(distilled, tmp_path / "first", iterations=1, anchor_weight=0.0))
+    config = tiny_reward_config(distilled, tmp_path / "second", lora=str(tmp_path / "first"))
+    with pytest.raises(ValueError, match="reward run's checkpoint"):
+        train_reward(config)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_reward(tiny_reward_config(distilled, tmp_path / "first"))
