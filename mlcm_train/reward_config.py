@@ -15,7 +15,7 @@ from typing import Any
 from .config import EXPORT_FORMATS, MIXED_PRECISIONS
 
 REWARD_LOSSES = ("hinge", "maximise")
-KEEP_BEST_RULES = ("heldout", "reward", "last")
+KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
 HELDOUT_FD = "fd"  # the held-out spec prefix that selects the demo's Frechet distance
 
 # Fields marked with this metadata cannot change the trained weights; config_hash() ignores them.
@@ -72,7 +72,12 @@ class RewardConfig:
     eval_every: int = 50  # optimizer steps between evaluations (and one before training, one at the end)
     eval_samples: int = 16  # images per evaluation and step count (fixed prompts and seeds)
     eval_steps: tuple[int, ...] = ()  # student step counts evaluated; () = student_steps
-    keep_best: str = "heldout"  # exported LoRA: best "heldout", best "reward", or the "last" weights
+    keep_best: str = (
+        "guarded"  # exported LoRA: "guarded", best "heldout", best "reward", or "last" (see guard.py)
+    )
+    heldout_tolerance: float = (
+        0.1  # "guarded": held-out may be this much worse than at the start (issue 5: 10%)
+    )
 
     # --- run directory and bookkeeping (not part of config_hash) ---
     output_dir: str = field(default="runs/mlcm_reward", metadata=_BOOKKEEPING)
@@ -131,10 +136,14 @@ class RewardConfig:
                 "loss='hinge' scores each image against another prompt of its batch; use batch_size >= 2 "
                 "or loss='maximise'"
             )
-        if self.keep_best == "heldout" and self.heldout is None:
+        if self.keep_best in ("guarded", "heldout") and self.heldout is None:
             raise ValueError(
-                "keep_best='heldout' needs a held-out measure; pass --heldout (a second reward or "
+                f"keep_best={self.keep_best!r} needs a held-out measure; pass --heldout (a second reward or "
                 "fd=<demo classifier folder>) or --keep-best reward|last"
+            )
+        if self.heldout_tolerance < 0:
+            raise ValueError(
+                f"heldout_tolerance={self.heldout_tolerance} must be 0 or more (0.1 = 10% worse)"
             )
         if self.guidance_scale is not None and self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")

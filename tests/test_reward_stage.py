@@ -257,6 +257,22 @@ def test_guard_keeps_the_best_and_warns_on_reward_hacking(tmp_path, caplog):
     assert RewardGuard("last", fd, tmp_path / "x").best_lora() is None
 
 
+def test_guarded_rule_takes_the_best_reward_within_the_heldout_tolerance(tmp_path):
+    fd = HeldOut("fd", higher_is_better=False, measure=lambda images, prompts: 0.0)
+    guard = RewardGuard("guarded", fd, tmp_path, tolerance=0.1)
+    rows = [(-3.0, 10.0), (-2.0, 10.5), (-1.0, 10.9), (-0.5, 11.5), (-0.2, 30.0)]  # FD +0%, 5%, 9%, 15%, 200%
+    for step, (reward, heldout) in enumerate(rows):
+        guard.record(
+            {"step": step, "reward": reward, "heldout": heldout}, {"w": torch.full((1,), float(step))}
+        )
+    assert guard.best["step"] == 2  # the highest reward whose FD is at most 10% above the start's
+    assert guard.best_lora()["w"].item() == 2.0
+    stuck = RewardGuard("guarded", fd, tmp_path / "stuck", tolerance=0.1)
+    for step, (reward, heldout) in enumerate([(-3.0, 10.0), (-1.0, 20.0)]):
+        stuck.record({"step": step, "reward": reward, "heldout": heldout}, {"w": torch.zeros(1)})
+    assert stuck.best["step"] == 0  # nothing qualified: the start LoRA is kept
+
+
 def test_heldout_measures_and_their_direction(tmp_path):
     from mlcm_train.demo import data
     from mlcm_train.demo.classifier import ClassifierRecipe, DigitClassifier, save_classifier

@@ -4,12 +4,17 @@ Every evaluation scores a fixed set of student samples (same prompts and seeds e
 reward and a held-out measure: a second reward (higher is better) or the demo's Frechet distance (lower is
 better). The guard keeps the best LoRA by the user's rule and warns when the held-out measure gets worse
 while the reward rises, the signature of over-optimisation (RG-LCD; ReFL's overexposure, MLCM_METHOD.md §5).
+
+Rules: ``guarded`` = the highest reward among evaluations whose held-out measure is at most ``tolerance``
+(relative) worse than before training (the start LoRA itself always qualifies); ``heldout`` = the best
+held-out measure; ``reward`` = the highest reward; ``last`` = the final weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,8 +33,8 @@ log = logging.getLogger(__name__)
 BEST_DIR = "best"
 BEST_LORA = "lora.safetensors"
 GUARD_FILE = "guard.json"
-# Relative change of the held-out measure that counts as "worse" for the warning (ours: above eval noise).
-HELDOUT_TOLERANCE = 0.02
+# Relative worsening of the held-out measure between two evaluations that triggers the warning (ours).
+WARN_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -73,17 +78,27 @@ def build_heldout(spec: str, device: str | torch.device = "cpu") -> HeldOut:
 class RewardGuard:
     """Evaluation history, the best LoRA by ``rule`` (``heldout``/``reward``/``last``) and the hacking warning."""
 
-    def __init__(self, rule: str, heldout: HeldOut | None, run_dir: str | Path) -> None:
-        self.rule, self.heldout = rule, heldout
+    def __init__(
+        self, rule: str, heldout: HeldOut | None, run_dir: str | Path, *, tolerance: float = 0.1
+    ) -> None:
+        self.rule, self.heldout, self.tolerance = rule, heldout, tolerance
         self.folder = Path(run_dir) / BEST_DIR
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
 
+    def _worse_by(self, before: float, after: float) -> float:
+        """Relative change of the held-out measure from ``before`` to ``after``; positive = worse."""
+        change = (after - before) / max(abs(before), 1e-12)
+        return -change if self.heldout.higher_is_better else change
+
     def _key(self, row: dict[str, Any]) -> float:
-        """Larger is better under the rule."""
+        """Larger is better under the rule (-inf: not eligible)."""
         if self.rule == "reward":
             return row["reward"]
-        sign = 1.0 if self.heldout is None or self.heldout.higher_is_better else -1.0
+        if self.rule == "guarded":
+            start = self.history[0]["heldout"]
+            return row["reward"] if self._worse_by(start, row["heldout"]) <= self.tolerance else -math.inf
+        sign = 1.0 if self.heldout.higher_is_better else -1.0
         return sign * row["heldout"]
 
     def record(self, row: dict[str, Any], lora: dict[str, Tensor]) -> None:
@@ -92,11 +107,7 @@ class RewardGuard:
         self.history.append(row)
         if previous is not None and self.heldout is not None and row["reward"] > previous["reward"]:
             before, after = previous["heldout"], row["heldout"]
-            change = (after - before) / max(abs(before), 1e-12)
-            worse = (
-                change < -HELDOUT_TOLERANCE if self.heldout.higher_is_better else change > HELDOUT_TOLERANCE
-            )
-            if worse:
+            if self._worse_by(before, after) > WARN_TOLERANCE:
                 log.warning(
                     "possible reward hacking at step %d: the reward rose %.4g -> %.4g while held-out %s got worse "
                     "%.4g -> %.4g; consider a larger --anchor-weight, a lower --lr or fewer --iterations",
@@ -108,6 +119,7 @@ class RewardGuard:
                     after,
                 )
         if self.rule != "last" and (self.best is None or self._key(row) > self._key(self.best)):
+            # The first evaluation (the start LoRA) is always eligible, so a best always exists.
             self.best = row
             self.folder.mkdir(parents=True, exist_ok=True)
             save_file(

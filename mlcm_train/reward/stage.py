@@ -116,7 +116,7 @@ def train_reward(
     boundaries = segment_boundaries(segments, num_steps)
     renoise_mode = (start.distill_config or {}).get("stage2_renoise", "same")
     state = TrainState(0, 0, 0, 0, teacher.family, len(prompts), 0, config.config_hash())
-    guard = RewardGuard(config.keep_best, heldout, run_dir)
+    guard = RewardGuard(config.keep_best, heldout, run_dir, tolerance=config.heldout_tolerance)
     if saved is not None:
         load_lora_state_dict(unet, saved.lora)
         state = saved.state
