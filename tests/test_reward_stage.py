@@ -320,3 +320,32 @@ def test_a_reward_run_checkpoint_is_not_a_start_lora(distilled, tmp_path):
         train_reward(config)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train_reward(tiny_reward_config(distilled, tmp_path / "first"))
+
+
+def test_sdxl_teacher_end_to_end(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    teacher = make_tiny_sdxl(tmp_path)
+    distill = train(
+        DistillConfig(
+            teacher=str(teacher),
+            prompts=str(prompts),
+            output_dir=str(tmp_path / "distill"),
+            stages=(1,),
+            stage1_steps=1,
+            batch_size=2,
+            lora_rank=4,
+            sample_every=0,
+        )
+    )
+    config = tiny_reward_config(
+        (teacher, prompts, None, distill.exported[0]),
+        tmp_path / "run",
+        iterations=2,
+        loss="hinge",
+        margin=1.0,
+    )
+    result = train_reward(config)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    lora = read_lora(result.exported[0])
+    assert lora.metadata.base_family == "sdxl" and lora.metadata.stages[-1] == "reward:brightness"
