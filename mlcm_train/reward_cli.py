@@ -39,6 +39,7 @@ def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+_METAVARS = {"int": "N", "int | None": "N", "float": "F", "float | None": "F", "tuple[int, ...]": "N,N"}
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
     "int": int,
@@ -84,7 +85,12 @@ def add_reward_flags(parser: argparse.ArgumentParser) -> None:
                 f"RewardConfig.{field.name} has type {field.type}; add a parser for it in reward_cli.py"
             )
         parser.add_argument(
-            flag, dest=field.name, type=_PARSERS[field.type], default=argparse.SUPPRESS, help=help_text
+            flag,
+            dest=field.name,
+            type=_PARSERS[field.type],
+            default=argparse.SUPPRESS,
+            help=help_text,
+            metavar=_METAVARS.get(field.type, "A,B" if field.type.startswith("tuple") else "TEXT"),
         )
 
 
