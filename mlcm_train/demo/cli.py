@@ -36,6 +36,9 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
         help=f"stage-2 optimizer steps (default: {defaults.stage2_iterations})",
     )
     demo.add_argument("--samples", type=int, help=f"evaluation images per row (default: {defaults.samples})")
+    demo.add_argument(
+        "--threads", type=int, help="torch CPU threads (default 2; use 1 on a machine busy with other work)"
+    )
     demo.add_argument("--teacher", type=Path, help="teacher folder (default: the shipped demo teacher)")
     demo.add_argument(
         "--retrain-teacher",
@@ -50,7 +53,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from .run import ASSET_DIR, DemoSettings, run_demo
 
     changes = {"out": args.out}
-    for name in ("iterations", "stage2_iterations", "samples", "teacher"):
+    for name in ("iterations", "stage2_iterations", "samples", "teacher", "threads"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)

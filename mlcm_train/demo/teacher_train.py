@@ -58,7 +58,7 @@ class TeacherRecipe:
     unet_channels: tuple[int, ...] = (32, 64)
     unet_groups: int = 16
     unet_heads: int = 4  # diffusers' ``attention_head_dim`` (the number of heads in SD1.5's configs)
-    unet_steps: int = 4000
+    unet_steps: int = 2700  # the shipped teacher (98% prompt accuracy at 25 CFG-DDIM steps, w=3)
     unet_lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.999
