@@ -59,3 +59,24 @@ def test_reduced_demo_end_to_end(tmp_path):
     md = (tmp_path / "demo" / "table.md").read_text()
     assert "| method | steps | UNet evals | s/image | FD | prompt acc. | reward |" in md
     assert result.seconds > 0 and "goals" in table
+
+
+def test_eval_scores_the_demo_teacher_from_a_prompt_file(tmp_path):
+    from mlcm_train.demo import data
+    from mlcm_train.eval.evaluate import EvalRequest, evaluate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(data.all_captions()[::5]) + "\n")
+    result = evaluate(
+        EvalRequest(teacher=ASSET_DIR, prompts=prompts, steps=4, metrics=("demo",), out=tmp_path / "s.json")
+    )
+    assert result["images"] == 12 and (tmp_path / "s.json").is_file()
+    for key in ("fd", "prompt_accuracy", "reward", "seconds_per_image"):
+        assert math.isfinite(result[key])
+
+
+def test_eval_with_an_unknown_metric_fails_clearly(tmp_path):
+    from mlcm_train.eval.evaluate import EvalRequest, score_images
+
+    with pytest.raises(ValueError, match="unknown"):
+        score_images(EvalRequest(teacher=ASSET_DIR, prompts=tmp_path, metrics=("bleu",)), None, [])
