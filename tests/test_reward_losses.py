@@ -97,3 +97,11 @@ def test_config_defaults_and_validation():
         RewardConfig(segments=4, student_steps=(2, 8), keep_best="last")
     with pytest.raises(ValueError, match="unknown reward config keys"):
         RewardConfig.from_dict({"rewards": "x"})
+
+
+def test_demo_reward_recipe():
+    from mlcm_train.reward.demo_recipe import demo_reward_config
+
+    config = demo_reward_config("assets/demo", "p.txt", "lora.safetensors", "out", iterations=10)
+    assert config.reward == "classifier=assets/demo" and config.heldout == "fd=assets/demo"
+    assert config.evaluated_steps == (2, 4) and config.keep_best == "guarded" and config.iterations == 10
