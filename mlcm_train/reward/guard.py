@@ -35,6 +35,7 @@ BEST_LORA = "lora.safetensors"
 GUARD_FILE = "guard.json"
 # Relative worsening of the held-out measure between two evaluations that triggers the warning (ours).
 WARN_TOLERANCE = 0.02
+HELDOUT_CHUNK = 16  # images per held-out reward call (bounded memory for large scorers)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,11 @@ def build_heldout(spec: str, device: str | torch.device = "cpu") -> HeldOut:
 
     @torch.no_grad()
     def mean_score(images: Tensor, prompts: Sequence[str]) -> float:
-        return float(reward(images, prompts).float().mean())
+        scores = [
+            reward(images[i : i + HELDOUT_CHUNK].to(device), prompts[i : i + HELDOUT_CHUNK]).float().cpu()
+            for i in range(0, images.shape[0], HELDOUT_CHUNK)
+        ]
+        return float(torch.cat(scores).mean())
 
     return HeldOut(reward.name, True, mean_score)
 

@@ -245,20 +245,21 @@ def train_reward(
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step}
+        texts = [eval_prompts[i] for i in eval_index]
         for steps in config.evaluated_steps:
-            images = []
+            images, scores = [], []
             for first in range(0, len(eval_index), batch):
                 chunk = eval_index[first : first + batch]
                 generators = [
                     sample_generator(config.seed, EVAL_STREAM, first + j) for j in range(len(chunk))
                 ]
                 cond = eval_embeddings.get(chunk).to(device)
-                images.append(rollout_images(frozen_student_eps, steps, generators, cond).float())
-            images_all = torch.cat(images)
-            texts = [eval_prompts[i] for i in eval_index]
-            row[f"reward@{steps}"] = float(reward(images_all, texts).float().mean())
+                chunk_images = rollout_images(frozen_student_eps, steps, generators, cond).float()
+                scores.append(reward(chunk_images, texts[first : first + batch]).float().cpu())
+                images.append(chunk_images.cpu())  # the held-out measure sees the whole set, kept off the GPU
+            row[f"reward@{steps}"] = float(torch.cat(scores).mean())
             if heldout is not None:
-                row[f"heldout@{steps}"] = heldout.measure(images_all, texts)
+                row[f"heldout@{steps}"] = heldout.measure(torch.cat(images), texts)
         row["reward"] = sum(row[f"reward@{s}"] for s in config.evaluated_steps) / len(config.evaluated_steps)
         if heldout is not None:
             row["heldout"] = sum(row[f"heldout@{s}"] for s in config.evaluated_steps) / len(
