@@ -74,6 +74,7 @@ def consistency_sample(
 class Generated:
     images: Tensor  # (N, 3, H, W) in [0, 1]
     seconds: float  # wall time of sampling + decoding, all images
+    decode_seconds: float = 0.0  # the VAE-decoding part of ``seconds``
 
 
 def generate(
@@ -88,9 +89,12 @@ def generate(
 ) -> Generated:
     """Run ``sample_latents(noise, cond, uncond)`` in batches, decode, and time it all."""
     images = []
+    decode = 0.0
     start = time.perf_counter()
     for first in range(0, noise.shape[0], batch_size):
         rows = slice(first, min(first + batch_size, noise.shape[0]))
         latents = sample_latents(noise[rows], select(cond, rows), select(uncond, rows))
+        tick = time.perf_counter()
         images.append(decode_latents(vae, latents))
-    return Generated(torch.cat(images), time.perf_counter() - start)
+        decode += time.perf_counter() - tick
+    return Generated(torch.cat(images), time.perf_counter() - start, decode)

@@ -24,6 +24,7 @@ class Row:
     reward: float
     digit_accuracy: float = math.nan
     colour_accuracy: float = math.nan
+    sampling_seconds_per_image: float = math.nan  # s/image without the VAE decode (UNet sampling only)
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
