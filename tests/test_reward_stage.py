@@ -271,6 +271,11 @@ def test_guarded_rule_takes_the_best_reward_within_the_heldout_tolerance(tmp_pat
     for step, (reward, heldout) in enumerate([(-3.0, 10.0), (-1.0, 20.0)]):
         stuck.record({"step": step, "reward": reward, "heldout": heldout}, {"w": torch.zeros(1)})
     assert stuck.best["step"] == 0  # nothing qualified: the start LoRA is kept
+    per_steps = RewardGuard("guarded", fd, tmp_path / "per_steps", tolerance=0.1)
+    for step, (reward, fd2, fd4) in enumerate([(-3.0, 10.0, 10.0), (-1.0, 8.0, 11.5), (-2.0, 9.0, 10.5)]):
+        row = {"step": step, "reward": reward, "heldout@2": fd2, "heldout@4": fd4, "heldout": (fd2 + fd4) / 2}
+        per_steps.record(row, {"w": torch.zeros(1)})
+    assert per_steps.best["step"] == 2  # step 1's mean FD improved, but its 4-step FD is 15% worse
 
 
 def test_heldout_measures_and_their_direction(tmp_path):

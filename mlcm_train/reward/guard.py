@@ -6,7 +6,7 @@ better). The guard keeps the best LoRA by the user's rule and warns when the hel
 while the reward rises, the signature of over-optimisation (RG-LCD; ReFL's overexposure, MLCM_METHOD.md §5).
 
 Rules: ``guarded`` = the highest reward among evaluations whose held-out measure is at most ``tolerance``
-(relative) worse than before training (the start LoRA itself always qualifies); ``heldout`` = the best
+(relative) worse than before training at every evaluated step count (the start LoRA itself always qualifies); ``heldout`` = the best
 held-out measure; ``reward`` = the highest reward; ``last`` = the final weights.
 """
 
@@ -101,8 +101,11 @@ class RewardGuard:
         if self.rule == "reward":
             return row["reward"]
         if self.rule == "guarded":
-            start = self.history[0]["heldout"]
-            return row["reward"] if self._worse_by(start, row["heldout"]) <= self.tolerance else -math.inf
+            # Every evaluated step count on its own (heldout@k), so that one cannot hide behind another.
+            start = self.history[0]
+            keys = [k for k in row if k.startswith("heldout@")] or ["heldout"]
+            eligible = all(self._worse_by(start[k], row[k]) <= self.tolerance for k in keys)
+            return row["reward"] if eligible else -math.inf
         sign = 1.0 if self.heldout.higher_is_better else -1.0
         return sign * row["heldout"]
 
