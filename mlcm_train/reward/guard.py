@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 BEST_DIR = "best"
 BEST_LORA = "lora.safetensors"
 GUARD_FILE = "guard.json"
-# Relative worsening of the held-out measure between two evaluations that triggers the warning (ours).
-WARN_TOLERANCE = 0.02
+# Relative worsening of the held-out measure between two evaluations that triggers the warning (ours: the
+# demo FD on 240 samples moves about 5% between evaluations of nearly equal weights).
+WARN_TOLERANCE = 0.05
 HELDOUT_CHUNK = 16  # images per held-out reward call (bounded memory for large scorers)
 
 
