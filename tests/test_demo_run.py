@@ -36,7 +36,8 @@ def test_shipped_teacher_loads_like_any_sd_folder():
 
 @pytest.mark.slow
 def test_reduced_demo_end_to_end(tmp_path):
-    settings = DemoSettings.quick(out=tmp_path / "demo", samples=60, iterations=30, stage2_iterations=4)
+    # The CI variant itself (about 2 minutes on one busy CPU thread); one thread avoids OpenMP oversubscription.
+    settings = DemoSettings.quick(out=tmp_path / "demo", threads=1)
     result = run_demo(settings)
     for name in ("table.md", "table.json", "samples.png", "quality_vs_steps.png"):
         assert (tmp_path / "demo" / name).is_file(), name
@@ -54,11 +55,13 @@ def test_reduced_demo_end_to_end(tmp_path):
             assert math.isfinite(r[key]), (r, key)
         assert 0.0 <= r["prompt_accuracy"] <= 1.0 and r["fd"] >= 0.0
     by = {(r["method"], r["steps"]): r for r in rows}
-    assert by[("MLCM (8 seg.)", 4)]["fd"] < by[("teacher CFG-DDIM", 4)]["fd"]
+    # Measured in this variant: MLCM after stage 2 at 4 steps FD 232 vs CFG-DDIM 4 steps 256.
+    assert by[("MLCM + stage 2", 4)]["fd"] < by[("teacher CFG-DDIM", 4)]["fd"]
     assert by[("teacher CFG-DDIM", 25)]["unet_evals"] == 50 and by[("MLCM (8 seg.)", 4)]["unet_evals"] == 4
     md = (tmp_path / "demo" / "table.md").read_text()
     assert "| method | steps | UNet evals | s/image | FD | prompt acc. | reward |" in md
     assert result.seconds > 0 and "goals" in table
+    assert table["rows"][0]["sampling_seconds_per_image"] <= table["rows"][0]["seconds_per_image"]
 
 
 def test_eval_scores_the_demo_teacher_from_a_prompt_file(tmp_path):
