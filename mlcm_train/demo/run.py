@@ -58,7 +58,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, **changes: object) -> DemoSettings:
         """Reduced CI variant: minutes instead of the full run; same rows, fewer iterations and samples."""
-        return replace(cls(), iterations=40, stage2_iterations=8, samples=60, **changes)
+        return replace(cls(), **{"iterations": 40, "stage2_iterations": 8, "samples": 60, **changes})
 
 
 @dataclass
