@@ -167,6 +167,9 @@ def test_toy_reward_rises_starting_from_a_run_directory(distilled, tmp_path):
     first, last = result.evaluations[0], result.evaluations[-1]
     assert (first["step"], last["step"]) == (0, 8)
     assert last["reward"] > first["reward"] + 1e-3
+    # keep_best="reward": the kept weights are those of the best evaluation (here the last), as exported
+    exported = read_lora(result.exported[0])
+    assert result.kept is not None and len(exported.modules) * 2 == len(result.kept)
 
 
 def test_resume_matches_an_uninterrupted_run(distilled, tmp_path):

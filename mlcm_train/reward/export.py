@@ -80,9 +80,14 @@ def export_reward_lora(
     return written
 
 
+def kept_lora(guard: RewardGuard, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA the keep-best rule chose: the guard's best, or ``current`` for "last" (PEFT-named weights)."""
+    return guard.best_lora() or current
+
+
 def export_kept_lora(
     guard: RewardGuard,
-    current: dict[str, torch.Tensor],
+    chosen: dict[str, torch.Tensor],
     start: StartLora,
     config: RewardConfig,
     *,
@@ -92,8 +97,7 @@ def export_kept_lora(
     global_step: int,
     out_dir: str | Path,
 ) -> list[Path]:
-    """Export the LoRA the keep-best rule chose (the guard's best, or ``current`` for "last")."""
-    chosen = guard.best_lora() or current
+    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from."""
     kept_step = guard.best["step"] if guard.best is not None and config.keep_best != "last" else global_step
     facts: dict[str, Any] = {
         "global_step": global_step,

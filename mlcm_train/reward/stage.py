@@ -43,7 +43,7 @@ from ..run_inputs import (
 from ..run_log import RunLog
 from ..student import adapters_disabled, load_lora_state_dict, lora_state_dict
 from ..train import NonFiniteLossError
-from .export import export_kept_lora
+from .export import export_kept_lora, kept_lora
 from .guard import RewardGuard, build_heldout
 from .losses import reward_loss
 from .models import build_reward
@@ -66,6 +66,7 @@ class RewardResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step (NaN where skipped)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     unet: torch.nn.Module | None = None  # the UNet with the tuned LoRA attached (this process's copy)
+    kept: dict[str, Tensor] | None = None  # the exported weights (PEFT names) the keep-best rule chose
 
 
 def train_reward(
@@ -389,10 +390,12 @@ def train_reward(
 
     # --- export: the LoRA the keep-best rule chose ---------------------------------------------------------------
     exported: list[Path] = []
+    kept = None
     if is_main:
+        kept = kept_lora(guard, lora_state_dict(unet))
         exported = export_kept_lora(
             guard,
-            lora_state_dict(unet),
+            kept,
             start,
             config,
             reward_name=reward.name,
@@ -403,4 +406,4 @@ def train_reward(
         )
         run_log.close()
     accelerator.wait_for_everyone()
-    return RewardResult(run_dir, state, last_checkpoint, exported, losses, guard.history, unet)
+    return RewardResult(run_dir, state, last_checkpoint, exported, losses, guard.history, unet, kept)
