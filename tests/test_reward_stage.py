@@ -14,6 +14,7 @@ from tiny_reward_models import make_tiny_clip
 from mlcm.lora import read_lora
 from mlcm.segments import segment_timesteps
 from mlcm_train.checkpoint import TrainState
+from mlcm_train.cli import main
 from mlcm_train.config import DistillConfig
 from mlcm_train.eval.weights import MissingWeightsError
 from mlcm_train.export import export_lora
@@ -134,7 +135,7 @@ def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
             argv += [flag, ",".join(map(str, value))]
         else:
             argv += [flag, str(value)]
-    assert reward_main(argv) == 0
+    assert main(["reward", *argv]) == 0  # python -m mlcm_train reward ...
     exported = tmp_path / "run" / "export" / "mlcm_sd15_8seg_reward.safetensors"
     lora = read_lora(exported)
     start = read_lora(distilled[3])
