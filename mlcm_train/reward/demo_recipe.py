@@ -17,6 +17,9 @@ from ..reward_config import RewardConfig
 DEMO_REWARD_LR = 2e-4
 DEMO_REWARD_ITERATIONS = 100
 DEMO_EVAL_SAMPLES = 240  # the demo table's 4 images per caption
+# Anchor weight 3 (stage-2 loss x 3): measured on the shipped teacher, weight 1 let FD grow 14-16% (600 images
+# x 3 seeds) for the same reward gain; weight 3 kept it at +6-8% (issue 5 asks for at most 10%).
+DEMO_ANCHOR_WEIGHT = 3.0
 
 
 def demo_reward_config(
@@ -38,7 +41,7 @@ def demo_reward_config(
         iterations=DEMO_REWARD_ITERATIONS,
         batch_size=8,
         lr=DEMO_REWARD_LR,
-        anchor_weight=1.0,
+        anchor_weight=DEMO_ANCHOR_WEIGHT,
         mixed_precision="no",
         output_dir=str(out),
         checkpoint_every=50,
