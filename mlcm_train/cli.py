@@ -34,10 +34,10 @@ DISTILL_EXAMPLES = """examples:
 """
 
 
-def _field_comments() -> dict[str, str]:
-    """The ``# comment`` after each field in DistillConfig's source, used as the flag's help."""
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field in a config dataclass's source, used as the flag's help."""
     comments = {}
-    for line in inspect.getsource(DistillConfig).splitlines():
+    for line in inspect.getsource(cls).splitlines():
         match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
         if match:
             comments[match.group(1)] = match.group(2).strip()
@@ -78,14 +78,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per DistillConfig field; unset flags stay absent (SUPPRESS)."""
-    comments = _field_comments()
-    for field in dataclasses.fields(DistillConfig):
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = DistillConfig) -> None:
+    """One ``--field-name`` flag per field of the config dataclass ``cls``; unset flags stay absent (SUPPRESS)."""
+    comments = _field_comments(cls)
+    for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{comments.get(field.name, '')} (default: {shown})"
+        # argparse expands %-formats in help text.
+        help_text = f"{comments.get(field.name, '')} (default: {shown})".replace("%", "%%")
         if field.type == "bool":
             parser.add_argument(
                 flag,
@@ -97,7 +98,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         if field.type not in _PARSERS:
             raise TypeError(
-                f"DistillConfig.{field.name} has type {field.type}; add a parser for it in cli.py"
+                f"{cls.__name__}.{field.name} has type {field.type}; add a parser for it in cli.py"
             )
         parser.add_argument(
             flag,
@@ -314,9 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .checkpoint import CheckpointError
         from .train import NonFiniteLossError
 
-        if not isinstance(error, ValueError | FileNotFoundError | CheckpointError | NonFiniteLossError):
+        if not isinstance(
+            error, ValueError | FileNotFoundError | ImportError | CheckpointError | NonFiniteLossError
+        ):
             raise
-        # Known, user-fixable failures: one clear line instead of a traceback (use -v for the traceback).
+        # Known, user-fixable failures (bad values, missing files, an optional package not installed):
+        # one clear line instead of a traceback (use -v for the traceback).
         log.debug("failed", exc_info=True)
         log.error("%s", error)
         return 2

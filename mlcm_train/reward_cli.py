@@ -7,91 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli import add_config_flags
 from .reward_config import RewardConfig
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers, e.g. 2,4"
-        ) from None
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "") else convert(text)
-
-    parse.__name__ = convert.__name__
-    return parse
-
-
-_METAVARS = {"int": "N", "int | None": "N", "float": "F", "float | None": "F", "tuple[int, ...]": "N,N"}
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "str": str,
-    "int": int,
-    "float": float,
-    "str | None": _optional(str),
-    "int | None": _optional(int),
-    "float | None": _optional(float),
-    "tuple[int, ...]": _int_list,
-    "tuple[str, ...]": _str_list,
-}
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """The ``# comment`` after each field in the dataclass source, used as the flag's help."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def add_reward_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per RewardConfig field; unset flags stay absent (SUPPRESS)."""
-    comments = _field_comments(RewardConfig)
-    for field in dataclasses.fields(RewardConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        # argparse expands %-formats in help; the reward specs' examples may contain none, but escape anyway.
-        help_text = f"{comments.get(field.name, '')} (default: {shown})".replace("%", "%%")
-        if field.type == "bool":
-            parser.add_argument(
-                flag,
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-            continue
-        if field.type not in _PARSERS:
-            raise TypeError(
-                f"RewardConfig.{field.name} has type {field.type}; add a parser for it in reward_cli.py"
-            )
-        parser.add_argument(
-            flag,
-            dest=field.name,
-            type=_PARSERS[field.type],
-            default=argparse.SUPPRESS,
-            help=help_text,
-            metavar=_METAVARS.get(field.type, "A,B" if field.type.startswith("tuple") else "TEXT"),
-        )
 
 
 def add_reward_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -119,7 +42,7 @@ def add_reward_subparser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="checkpoint and stop after N optimizer steps; continue with --resume",
     )
-    add_reward_flags(reward)
+    add_config_flags(reward, RewardConfig)
     reward.set_defaults(run=run_reward)
     return reward
 
