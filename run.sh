@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates ./.venv on first use, installs the project into it,
 # then runs a job.
-#   ./run.sh demo   the main job on the embedded default (see README)
+#   ./run.sh demo   the main job: distil the shipped demo teacher, evaluate, write reports/demo/
 #   ./run.sh test   lint + the full test suite (what CI runs)
 #   ./run.sh bench  the inference benchmark
 # Set MLCM_COMFYUI_PATH to a ComfyUI checkout (and MLCM_COMFYUI_PYTHON to a Python that has ComfyUI's
@@ -27,7 +27,7 @@ job="${1:-}"
 [ $# -gt 0 ] && shift
 case "$job" in
   demo)
-    exec "$py" benchmarks/inference.py "$@"
+    exec "$py" -m mlcm_train demo "$@"
     ;;
   bench)
     exec "$py" benchmarks/inference.py "$@"
