@@ -7,41 +7,22 @@ where logs go, are left out of the hash).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
-# The 14 UNet module patterns of the official MLCM/TLCM LoRA (MLCM_METHOD.md §4), also diffusers'
-# LCM-LoRA default (training_anchors.md §1.8).
-LORA_TARGET_MODULES = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
+from mlcm.lora import TARGET_MODULE_PATTERNS
+
+from .config_record import BOOKKEEPING, ConfigRecord, check_choice
+
+# The 14 UNet module patterns of the official MLCM/TLCM LoRA (MLCM_METHOD.md §4), defined once in mlcm.lora.
+LORA_TARGET_MODULES = TARGET_MODULE_PATTERNS
 LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 EXPORT_FORMATS = ("kohya", "peft", "diffusers")
 RENOISE_MODES = ("same", "fresh")
 
-# Fields marked with this metadata cannot change the trained weights; config_hash() ignores them.
-_BOOKKEEPING = {"bookkeeping": True}
-
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(ConfigRecord):
     """One `python -m mlcm_train distill` run (defaults: MLCM_METHOD.md §5 unless marked ours)."""
 
     # --- inputs ---
@@ -93,15 +74,15 @@ class DistillConfig:
     nan_patience: int = 5  # stop after this many non-finite losses in a row (ours)
 
     # --- run directory and bookkeeping (not part of config_hash) ---
-    output_dir: str = field(default="runs/mlcm", metadata=_BOOKKEEPING)  # the run directory
-    checkpoint_every: int = field(default=500, metadata=_BOOKKEEPING)  # optimizer steps
-    checkpoints_keep: int = field(default=3, metadata=_BOOKKEEPING)  # newest kept; 0 = keep all
-    log_every: int = field(default=10, metadata=_BOOKKEEPING)  # steps between metrics.jsonl rows
-    tensorboard: bool = field(default=False, metadata=_BOOKKEEPING)  # also log to <run>/tensorboard
-    sample_every: int = field(default=1000, metadata=_BOOKKEEPING)  # 0 = no sample grids
-    sample_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=_BOOKKEEPING)  # > segments: skipped
-    sample_prompts: int = field(default=4, metadata=_BOOKKEEPING)  # rows of each grid
-    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=_BOOKKEEPING)  # kohya/peft/diffusers
+    output_dir: str = field(default="runs/mlcm", metadata=BOOKKEEPING)  # the run directory
+    checkpoint_every: int = field(default=500, metadata=BOOKKEEPING)  # optimizer steps
+    checkpoints_keep: int = field(default=3, metadata=BOOKKEEPING)  # newest kept; 0 = keep all
+    log_every: int = field(default=10, metadata=BOOKKEEPING)  # steps between metrics.jsonl rows
+    tensorboard: bool = field(default=False, metadata=BOOKKEEPING)  # also log to <run>/tensorboard
+    sample_every: int = field(default=1000, metadata=BOOKKEEPING)  # 0 = no sample grids
+    sample_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=BOOKKEEPING)  # > segments: skipped
+    sample_prompts: int = field(default=4, metadata=BOOKKEEPING)  # rows of each grid
+    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=BOOKKEEPING)  # kohya/peft/diffusers
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
@@ -135,9 +116,9 @@ class DistillConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        _check_choice("stage2_renoise", self.stage2_renoise, RENOISE_MODES)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("stage2_renoise", self.stage2_renoise, RENOISE_MODES)
         if (
             not self.stages
             or any(s not in (1, 2) for s in self.stages)
@@ -171,7 +152,7 @@ class DistillConfig:
                 f"sample_steps={self.sample_steps} must be step counts of at least 1, e.g. 1,2,4,8"
             )
         for fmt in self.export_formats:
-            _check_choice("export_formats", fmt, EXPORT_FORMATS)
+            check_choice("export_formats", fmt, EXPORT_FORMATS)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(
                 f"resolution={self.resolution} must be a positive multiple of 8 (the VAE factor)"
@@ -199,41 +180,3 @@ class DistillConfig:
 
     def phase_lr(self, stage: int) -> float:
         return self.lr_stage1 if stage == 1 else self.lr_stage2
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def config_hash(self) -> str:
-        """Stable 16-hex-digit hash of every field that can change the trained weights."""
-        recipe = {
-            f.name: _jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if not f.metadata.get("bookkeeping")
-        }
-        payload = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
-        """Inverse of ``to_dict``; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; this trainer knows {sorted(names)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> DistillConfig:
-        return dataclasses.replace(self, **changes)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value

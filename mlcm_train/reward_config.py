@@ -6,25 +6,22 @@ every checkpoint and into the exported LoRA's metadata; ``config_hash()`` leaves
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from .config import EXPORT_FORMATS, MIXED_PRECISIONS
+from .config_record import BOOKKEEPING, ConfigRecord, check_choice
 
 REWARD_LOSSES = ("hinge", "maximise")
 KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
 HELDOUT_FD = "fd"  # the held-out spec prefix that selects the demo's Frechet distance
 
-# Fields marked with this metadata cannot change the trained weights; config_hash() ignores them.
-_BOOKKEEPING = {"bookkeeping": True}
-
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(ConfigRecord):
     """One `python -m mlcm_train reward` run (defaults: MLCM_METHOD.md §5 / TLCM §4 unless marked ours)."""
+
+    _KIND = "reward config"
+    _KNOWN_BY = "the reward stage"
 
     # --- inputs ---
     teacher: str = ""  # the teacher the LoRA was distilled from (diffusers folder or single-file checkpoint)
@@ -80,12 +77,12 @@ class RewardConfig:
     )
 
     # --- run directory and bookkeeping (not part of config_hash) ---
-    output_dir: str = field(default="runs/mlcm_reward", metadata=_BOOKKEEPING)
-    checkpoint_every: int = field(default=100, metadata=_BOOKKEEPING)  # optimizer steps
-    checkpoints_keep: int = field(default=3, metadata=_BOOKKEEPING)  # newest kept; 0 = keep all
-    log_every: int = field(default=10, metadata=_BOOKKEEPING)
-    tensorboard: bool = field(default=False, metadata=_BOOKKEEPING)
-    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=_BOOKKEEPING)
+    output_dir: str = field(default="runs/mlcm_reward", metadata=BOOKKEEPING)
+    checkpoint_every: int = field(default=100, metadata=BOOKKEEPING)  # optimizer steps
+    checkpoints_keep: int = field(default=3, metadata=BOOKKEEPING)  # newest kept; 0 = keep all
+    log_every: int = field(default=10, metadata=BOOKKEEPING)
+    tensorboard: bool = field(default=False, metadata=BOOKKEEPING)
+    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=BOOKKEEPING)
 
     def __post_init__(self) -> None:
         for name in ("student_steps", "eval_steps", "export_formats"):
@@ -114,11 +111,11 @@ class RewardConfig:
         for name in ("anchor_weight", "reward_weight", "adam_weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
-        _check_choice("loss", self.loss, REWARD_LOSSES)
-        _check_choice("keep_best", self.keep_best, KEEP_BEST_RULES)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("loss", self.loss, REWARD_LOSSES)
+        check_choice("keep_best", self.keep_best, KEEP_BEST_RULES)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         for fmt in self.export_formats:
-            _check_choice("export_formats", fmt, EXPORT_FORMATS)
+            check_choice("export_formats", fmt, EXPORT_FORMATS)
         if not self.student_steps or any(s < 1 for s in self.student_steps):
             raise ValueError(
                 f"student_steps={self.student_steps} must be step counts of at least 1, e.g. 2,4"
@@ -158,41 +155,3 @@ class RewardConfig:
     def evaluated_steps(self) -> tuple[int, ...]:
         """The step counts every evaluation samples at."""
         return self.eval_steps or tuple(sorted(set(self.student_steps)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def config_hash(self) -> str:
-        """Stable 16-hex-digit hash of every field that can change the trained weights."""
-        recipe = {
-            f.name: _jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if not f.metadata.get("bookkeeping")
-        }
-        payload = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RewardConfig:
-        """Inverse of ``to_dict``; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown reward config keys {unknown}; the reward stage knows {sorted(names)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> RewardConfig:
-        return dataclasses.replace(self, **changes)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
