@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
-    """``python -m mlcm_train demo [--quick] [--retrain-teacher] [--out DIR] ...``."""
+    """``python -m mlcm_train demo [--quick] [--no-reward] [--retrain-teacher] [--out DIR] ...``."""
     from .run import DemoSettings
 
     defaults = DemoSettings()
@@ -19,7 +19,7 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
         help="distill MLCM from the shipped tiny teacher on CPU and write the quality-vs-steps report",
         description="Distills an MLCM LoRA and an LCM-style baseline from the shipped coloured-digits teacher "
         "through the same `distill` code, then measures FD, prompt accuracy, reward and time per image for the "
-        "teacher, the baseline and MLCM at 1-8 steps. Writes table.md/json, samples.png and quality_vs_steps.png.",
+        "teacher, the baseline and MLCM at 1-8 steps, before and after reward tuning. Writes table.md/json, samples.png and quality_vs_steps.png.",
     )
     demo.add_argument(
         "--out", type=Path, default=defaults.out, help=f"report folder (default: {defaults.out})"
@@ -37,6 +37,17 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
     )
     demo.add_argument("--samples", type=int, help=f"evaluation images per row (default: {defaults.samples})")
     demo.add_argument(
+        "--no-reward",
+        dest="reward",
+        action="store_false",
+        help="skip the reward stage (issue 5) and its 'MLCM + stage 2 + reward' rows",
+    )
+    demo.add_argument(
+        "--reward-iterations",
+        type=int,
+        help=f"reward-stage optimizer steps (default: {defaults.reward_iterations})",
+    )
+    demo.add_argument(
         "--threads", type=int, help="torch CPU threads (default 2; use 1 on a machine busy with other work)"
     )
     demo.add_argument("--teacher", type=Path, help="teacher folder (default: the shipped demo teacher)")
@@ -52,8 +63,8 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
 def run_demo_command(args: argparse.Namespace) -> int:
     from .run import ASSET_DIR, DemoSettings, run_demo
 
-    changes = {"out": args.out}
-    for name in ("iterations", "stage2_iterations", "samples", "teacher", "threads"):
+    changes = {"out": args.out, "reward": args.reward}
+    for name in ("iterations", "stage2_iterations", "samples", "teacher", "threads", "reward_iterations"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)

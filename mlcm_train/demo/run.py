@@ -3,6 +3,8 @@
 1. Distill through ``mlcm_train.train.train`` with a ``DistillConfig`` (the code path users run on SDXL):
    MLCM (8 segments, stage 1 then stage 2; the stage-1 LoRA is read from the phase-boundary checkpoint) and the
    LCM-style baseline (one segment, stage 1 only, the same number of optimizer steps).
+   Then (issue 5) tune the stage-2 LoRA with the demo classifier's reward through ``mlcm_train.reward.stage``,
+   the code path of ``python -m mlcm_train reward``; its kept weights are the "+ reward" rows.
 2. Generate the same prompts from the same noise with every method and step count, decode, time.
 3. Score with the demo classifier (FD to held-out real digits, prompt accuracy, reward) and write the report.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mlcm import lcm_timesteps, segment_timesteps
+from mlcm_train.reward.demo_recipe import DEMO_REWARD_ITERATIONS
 
 from . import data
 from .generate import Generated, consistency_sample, generate, teacher_cfg_ddim
@@ -31,6 +34,15 @@ log = logging.getLogger(__name__)
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
 TIME_BUDGET_S = 15 * 60  # issue 4: the whole demo on 2 CPU cores, teacher retraining excluded
+TEACHER, LCM = "teacher CFG-DDIM", "LCM-style (1 segment)"
+MLCM_STAGE2, MLCM_REWARD = "MLCM + stage 2", "MLCM + stage 2 + reward"
+REWARD_FD_TOLERANCE = (
+    0.1  # issue 5: FD may worsen by at most 10% against the LoRA the reward stage started from
+)
+
+
+def mlcm_stage1_label(segments: int) -> str:
+    return f"MLCM ({segments} seg.)"
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class DemoSettings:
     ddim_steps: tuple[int, ...] = (2, 4, 8)
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
     mlcm_steps: tuple[int, ...] = (1, 2, 3, 4, 8)
+    reward: bool = True  # issue 5: tune the stage-2 LoRA with the classifier reward, add the "+ reward" rows
+    reward_iterations: int = DEMO_REWARD_ITERATIONS
     grid_columns: int = 10
     seed: int = 0
     threads: int = 2
@@ -60,7 +74,8 @@ class DemoSettings:
     @classmethod
     def quick(cls, **changes: object) -> DemoSettings:
         """Reduced CI variant: minutes instead of the full run; same rows, fewer iterations and samples."""
-        return replace(cls(), **{"iterations": 40, "stage2_iterations": 8, "samples": 60, **changes})
+        quick = {"iterations": 40, "stage2_iterations": 8, "samples": 60, "reward_iterations": 4}
+        return replace(cls(), **{**quick, **changes})
 
 
 @dataclass
@@ -117,6 +132,31 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
     return loras
 
 
+def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The issue-5 reward stage from the MLCM stage-2 run; returns the kept LoRA (PEFT names) and its evaluations."""
+    from mlcm_train.reward.demo_recipe import demo_reward_config
+    from mlcm_train.reward.stage import train_reward
+
+    run_dir = settings.out / "runs" / "reward"
+    if run_dir.exists():
+        shutil.rmtree(
+            run_dir
+        )  # the demo's own scratch folder; train_reward() refuses to start over checkpoints
+    config = demo_reward_config(
+        settings.teacher,
+        prompts,
+        settings.out / "runs" / "mlcm",  # the newest checkpoint of that run is the end of stage 2
+        run_dir,
+        iterations=settings.reward_iterations,
+        eval_samples=settings.samples,  # the same number of images as a table row
+        seed=settings.seed,
+    )
+    result = train_reward(config)
+    if result.kept is None:
+        raise RuntimeError(f"the reward stage in {run_dir} returned no kept LoRA; see its log")
+    return result.kept, result.evaluations
+
+
 def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     """The whole demo; writes ``table.md``, ``table.json``, ``samples.png`` and ``quality_vs_steps.png``."""
     from tqdm.auto import tqdm
@@ -141,6 +181,11 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     tick = time.perf_counter()
     lcm_loras = _distill(settings, prompts_path, "lcm", 1, (1,))
     timings["distill_lcm_s"] = time.perf_counter() - tick
+    reward_lora, reward_evaluations = None, []
+    if settings.reward:
+        tick = time.perf_counter()
+        reward_lora, reward_evaluations = _reward_tune(settings, prompts_path)
+        timings["reward_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     teacher = load_teacher(settings.teacher)
@@ -179,16 +224,14 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
             eps, z, c, timesteps=timesteps, alphas_cumprod=acp, seed=settings.seed
         )
 
-    plan = [
-        ("teacher CFG-DDIM", s, 2 * s, None, ddim(s)) for s in (settings.teacher_steps, *settings.ddim_steps)
-    ]
-    plan += [
-        ("LCM-style (1 segment)", s, s, lcm_loras[1], consistency(lcm_timesteps(s)))
-        for s in settings.lcm_steps
-    ]
-    for stage, label in ((1, f"MLCM ({settings.segments} seg.)"), (2, "MLCM + stage 2")):
+    plan = [(TEACHER, s, 2 * s, None, ddim(s)) for s in (settings.teacher_steps, *settings.ddim_steps)]
+    plan += [(LCM, s, s, lcm_loras[1], consistency(lcm_timesteps(s))) for s in settings.lcm_steps]
+    mlcm_rows = [(mlcm_stage1_label(settings.segments), mlcm_loras[1]), (MLCM_STAGE2, mlcm_loras[2])]
+    if reward_lora is not None:
+        mlcm_rows.append((MLCM_REWARD, reward_lora))
+    for label, lora in mlcm_rows:
         plan += [
-            (label, s, s, mlcm_loras[stage], consistency(segment_timesteps(s, settings.segments)))
+            (label, s, s, lora, consistency(segment_timesteps(s, settings.segments)))
             for s in settings.mlcm_steps
         ]
     timings["eval_setup_s"] = time.perf_counter() - tick
@@ -239,6 +282,7 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         "cpu_seconds_total": time.process_time() - cpu_started,
         "timings": timings,
         "goals": goals,
+        "reward_evaluations": reward_evaluations,  # the reward stage's own evaluations (its seeds, not the table's)
         "threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],  # other work sharing the cores during the run
     }
@@ -271,19 +315,22 @@ def _targets() -> tuple[str, ...]:
     return LORA_TARGET_MODULES
 
 
-def _find(rows: list[Row], method_prefix: str, steps: int) -> Row | None:
-    return next((r for r in rows if r.method.startswith(method_prefix) and r.steps == steps), None)
+def _find(rows: list[Row], method: str, steps: int) -> Row | None:
+    return next((r for r in rows if r.method == method and r.steps == steps), None)
 
 
 def check_goals(rows: list[Row], settings: DemoSettings) -> dict[str, dict]:
-    """Issue 4's goals for MLCM after stage 1 and after stage 2, each with the measured value and whether it is met."""
+    """Issue 4's goals for MLCM after stage 1 and 2, and issue 5's for the reward rows; measured value and met."""
     teacher = rows[0]
     goals: dict[str, dict] = {}
 
     def add(name: str, value: float, target: str, met: bool) -> None:
         goals[name] = {"value": value, "target": target, "met": bool(met)}
 
-    for prefix, label in ((f"MLCM ({settings.segments}", "MLCM stage 1"), ("MLCM + stage 2", "MLCM stage 2")):
+    for prefix, label in (
+        (mlcm_stage1_label(settings.segments), "MLCM stage 1"),
+        (MLCM_STAGE2, "MLCM stage 2"),
+    ):
         m4, m2 = _find(rows, prefix, 4), _find(rows, prefix, 2)
         if m4 is not None:
             add(f"{label} 4 steps FD / teacher FD", m4.fd / teacher.fd, "<= 1.2", m4.fd <= 1.2 * teacher.fd)
@@ -298,8 +345,8 @@ def check_goals(rows: list[Row], settings: DemoSettings) -> dict[str, dict]:
         for steps in (4, 8):
             m, lcm, ddim = (
                 _find(rows, prefix, steps),
-                _find(rows, "LCM-style", steps),
-                _find(rows, "teacher", steps),
+                _find(rows, LCM, steps),
+                _find(rows, TEACHER, steps),
             )
             if m is not None and lcm is not None:
                 add(f"{label} {steps} steps FD / LCM-style FD", m.fd / lcm.fd, "< 1", m.fd < lcm.fd)
@@ -310,11 +357,23 @@ def check_goals(rows: list[Row], settings: DemoSettings) -> dict[str, dict]:
                     "< 0.5 (wide margin)",
                     m.fd < 0.5 * ddim.fd,
                 )
+    pairs = [(_find(rows, MLCM_STAGE2, s), _find(rows, MLCM_REWARD, s)) for s in (2, 4)]
+    if all(before is not None and after is not None for before, after in pairs):
+        fd_ratio = max(after.fd / before.fd for before, after in pairs)
+        reward_up = all(after.reward > before.reward for before, after in pairs)
+        goals[
+            "reward: classifier reward improves at 2 and 4 steps while FD worsens by at most 10% vs MLCM + stage 2"
+        ] = {
+            "value": fd_ratio,  # the worse of the two FD ratios; the reward changes are listed beside it
+            "target": f"reward up at 2 and 4; FD ratio <= {1 + REWARD_FD_TOLERANCE:g}",
+            "met": bool(reward_up and fd_ratio <= 1 + REWARD_FD_TOLERANCE),
+            "reward_change": {str(after.steps): after.reward - before.reward for before, after in pairs},
+        }
     return goals
 
 
 def goals_markdown(goals: dict[str, dict]) -> str:
-    lines = ["## Goals (issue 4)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
+    lines = ["## Goals (issues 4 and 5)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for name, g in goals.items():
         value = g["value"]
         shown = f"{value:.3f}" if math.isfinite(value) else str(value)
