@@ -67,7 +67,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     # full demo's claim, not asserted on this variant).
     goal = next(g for name, g in table["goals"].items() if name.startswith("reward:"))
     assert math.isfinite(goal["value"]) and set(goal["reward_change"]) == {"2", "4"}
-    assert table["reward_evaluations"] and "reward_s" in table["timings"]
+    assert table["reward_stage"]["evaluations"] and "reward_s" in table["timings"]
+    assert 0 <= table["reward_stage"]["kept_step"] <= settings.reward_iterations and "Reward stage:" in md
     assert table["rows"][0]["sampling_seconds_per_image"] <= table["rows"][0]["seconds_per_image"]
 
 

@@ -132,9 +132,12 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
     return loras
 
 
-def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The issue-5 reward stage from the MLCM stage-2 run; returns the kept LoRA (PEFT names) and its evaluations."""
+def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The issue-5 reward stage from the MLCM stage-2 run; returns the kept LoRA (PEFT names) and run facts."""
+    import json
+
     from mlcm_train.reward.demo_recipe import demo_reward_config
+    from mlcm_train.reward.guard import BEST_DIR, GUARD_FILE
     from mlcm_train.reward.stage import train_reward
 
     run_dir = settings.out / "runs" / "reward"
@@ -154,7 +157,16 @@ def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch
     result = train_reward(config)
     if result.kept is None:
         raise RuntimeError(f"the reward stage in {run_dir} returned no kept LoRA; see its log")
-    return result.kept, result.evaluations
+    guard_file = run_dir / BEST_DIR / GUARD_FILE
+    best = json.loads(guard_file.read_text(encoding="utf-8"))["best"] if guard_file.is_file() else None
+    facts = {
+        "iterations": config.iterations,
+        "keep_best": config.keep_best,
+        "kept_step": best["step"] if best is not None else config.iterations,
+        "exported": [str(path) for path in result.exported],
+        "evaluations": result.evaluations,  # the reward stage's own evaluation seeds, not the table's
+    }
+    return result.kept, facts
 
 
 def run_demo(settings: DemoSettings | None = None) -> DemoResult:
@@ -181,10 +193,10 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     tick = time.perf_counter()
     lcm_loras = _distill(settings, prompts_path, "lcm", 1, (1,))
     timings["distill_lcm_s"] = time.perf_counter() - tick
-    reward_lora, reward_evaluations = None, []
+    reward_lora, reward_facts = None, {}
     if settings.reward:
         tick = time.perf_counter()
-        reward_lora, reward_evaluations = _reward_tune(settings, prompts_path)
+        reward_lora, reward_facts = _reward_tune(settings, prompts_path)
         timings["reward_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -282,16 +294,29 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         "cpu_seconds_total": time.process_time() - cpu_started,
         "timings": timings,
         "goals": goals,
-        "reward_evaluations": reward_evaluations,  # the reward stage's own evaluations (its seeds, not the table's)
+        "reward_stage": reward_facts,
         "threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],  # other work sharing the cores during the run
     }
-    notes = (
-        goals_markdown(goals) + f"\nTotal demo time: {total:.0f} s on {torch.get_num_threads()} threads.\n"
-    )
+    notes = goals_markdown(goals) + _reward_note(reward_facts)
+    notes += f"\nTotal demo time: {total:.0f} s on {torch.get_num_threads()} threads.\n"
     files["table_md"], files["table_json"] = write_table(rows, out, extra, notes)
     log.info("demo finished in %.0f s; report in %s", total, out)
     return DemoResult(rows, files, total, timings)
+
+
+def _reward_note(facts: dict) -> str:
+    """Which weights the "+ reward" rows use; step 0 means the keep-best rule kept the stage-2 LoRA itself."""
+    if not facts:
+        return ""
+    note = (
+        f"\nReward stage: {facts['iterations']} iterations; the '{MLCM_REWARD}' rows use the weights of step "
+        f"{facts['kept_step']} (keep-best rule '{facts['keep_best']}': the highest classifier reward whose FD is "
+        f"at most {REWARD_FD_TOLERANCE:.0%} worse than at its start)."
+    )
+    if facts["kept_step"] == 0:
+        note += f" Step 0 is the stage-2 LoRA unchanged, so those rows equal '{MLCM_STAGE2}'."
+    return note + "\n"
 
 
 @contextlib.contextmanager
