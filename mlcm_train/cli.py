@@ -187,17 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DistillConfig:
-    """Defaults <- ``base`` (a saved config) <- ``--config`` file <- explicitly given flags."""
+def resolve_config(
+    args: argparse.Namespace, base: dict[str, Any] | None = None, cls: type = DistillConfig
+) -> Any:
+    """A ``cls`` config from defaults <- ``base`` (a saved config) <- ``--config`` file <- given flags."""
     values: dict[str, Any] = dict(base or {})
     if getattr(args, "config", None) is not None:
         try:
             values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read --config {args.config}: {error}") from error
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return DistillConfig.from_dict(values)
+    return cls.from_dict(values)
 
 
 def _run_distill(args: argparse.Namespace) -> int:

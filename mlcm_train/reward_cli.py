@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import add_config_flags
+from .cli import add_config_flags, resolve_config
 from .reward_config import RewardConfig
 
 
@@ -49,15 +47,7 @@ def add_reward_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
 def resolve_reward_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RewardConfig:
     """Defaults <- ``base`` (a saved config) <- ``--config`` file <- explicitly given flags."""
-    values: dict[str, Any] = dict(base or {})
-    if getattr(args, "config", None) is not None:
-        try:
-            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read --config {args.config}: {error}") from error
-    names = {f.name for f in dataclasses.fields(RewardConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return RewardConfig.from_dict(values)
+    return resolve_config(args, base, RewardConfig)
 
 
 def run_reward(args: argparse.Namespace) -> int:
