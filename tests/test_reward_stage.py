@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from tiny_models import TINY_PROMPTS as PROMPTS
 from tiny_models import make_tiny_sd15, make_tiny_sdxl
 from tiny_reward_models import make_tiny_clip
 
@@ -29,16 +30,6 @@ from mlcm_train.reward_config import RewardConfig
 from mlcm_train.student import attach_lora, lora_state_dict
 from mlcm_train.teacher import load_teacher
 from mlcm_train.train import train
-
-PROMPTS = "a red cat\na dog\nthe red dog\na cat\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -155,15 +155,6 @@ def _vae() -> AutoencoderKL:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CI box they spin (50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def eps_fn():
     """eps of a tiny random SD1.5-shaped UNet under a fixed random text conditioning."""

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_tiny_sd15, make_tiny_single_file, single_file_config_dir
+from tiny_models import TINY_PROMPTS as PROMPTS
+from tiny_models import make_tiny_single_file, single_file_config_dir
 
 from mlcm.lora import read_lora
 from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
@@ -17,24 +18,6 @@ from mlcm_train.embeddings import EmbeddingCache
 from mlcm_train.run_inputs import prompt_conditioning
 from mlcm_train.teacher import load_teacher
 from mlcm_train.train import train
-
-PROMPTS = "a red cat\na dog\nthe red dog\na cat\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (and do not fight parallel test runs for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    (root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
-    return make_tiny_sd15(root), root / "prompts.txt"
 
 
 def tiny_config(teacher, prompts, out, **changes) -> DistillConfig:

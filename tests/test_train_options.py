@@ -8,27 +8,11 @@ import math
 
 import pytest
 import torch
-from test_train import PROMPTS, tiny_config
-from tiny_models import make_tiny_sd15
+from test_train import tiny_config
 
 from mlcm.lora import read_lora
 from mlcm_train.checkpoint import load_checkpoint
 from mlcm_train.train import train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    (root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
-    return make_tiny_sd15(root), root / "prompts.txt"
 
 
 def test_progressive_rounds_run_in_sequence(sd15, tmp_path):

@@ -40,6 +40,10 @@ SCHEDULER_CONFIG = {
 _MERGES = ["a t</w>", "c at</w>", "d o", "do g</w>", "t h", "th e</w>", "r e", "re d</w>"]
 
 
+# A prompt file for tiny-teacher training runs: repeated words so the tiny tokenizer knows them all.
+TINY_PROMPTS = "a red cat\na dog\nthe red dog\na cat\n"
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """The GPT-2/CLIP reversible byte -> printable character map used by byte-level BPE."""
     printable = (
