@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlcm_train import checkpoint_convert
+from mlcm_train.demo.vocab import bytes_to_unicode
 
 SEED = 1234
 TOKEN_LENGTH = 77  # CLIP context length used by SD1.5/SDXL
@@ -44,24 +45,9 @@ _MERGES = ["a t</w>", "c at</w>", "d o", "do g</w>", "t h", "th e</w>", "r e", "
 TINY_PROMPTS = "a red cat\na dog\nthe red dog\na cat\n"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2/CLIP reversible byte -> printable character map used by byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    )
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
 def tiny_vocab() -> dict[str, int]:
     """Vocabulary of the tiny tokenizer: every byte alone and word-final, a few merges, then bos/eos last."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in _MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(tokens)}
