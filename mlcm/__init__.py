@@ -22,7 +22,7 @@ from .lora import (
     to_kohya_state_dict,
     write_kohya_lora,
 )
-from .sampling import UPDATE_RULES, default_noise_sampler, rule_eta, sample_mlcm
+from .sampling import UPDATE_RULES, default_noise_sampler, fresh_noise_seed, rule_eta, sample_mlcm
 from .segments import (
     DEFAULT_SEGMENTS,
     NUM_TRAIN_TIMESTEPS,
@@ -53,6 +53,7 @@ __all__ = [
     "MLCMScheduler",
     "MLCMSchedulerOutput",
     "default_noise_sampler",
+    "fresh_noise_seed",
     "lcm_timesteps",
     "rule_eta",
     "sample_mlcm",

@@ -3,7 +3,9 @@
 One function serves every update rule, selected by ``eta`` (the fraction of fresh noise):
 
 - ``eta = 1``: the official TLCM/MLCM update: predict x0, then re-noise it to the next boundary with
-  fresh Gaussian noise (MLCM_METHOD.md §3). Identical to ComfyUI's built-in ``lcm`` sampler.
+  fresh Gaussian noise (MLCM_METHOD.md §3). ComfyUI's built-in ``lcm`` sampler computes the same update;
+  given the same fresh noise the two agree (our fresh noise is seeded apart from the starting noise, see
+  ``fresh_noise_seed``).
 - ``eta = 0``: deterministic: DDIM from each boundary to the next with the model's own noise estimate
   (the Multistep Consistency Models sampler, Heek et al. 2024, Algorithm 2).
 - in between: DDIM to ``sigma_s = (1 - eta) * sigma_next``, then forward-diffuse to ``sigma_next``
@@ -44,12 +46,26 @@ def rule_eta(rule: str, eta: float = 0.5) -> float:
     return eta if fixed is None else fixed
 
 
+def fresh_noise_seed(seed: int) -> int:
+    """The seed of the fresh-noise stream of a sample whose starting noise came from ``seed`` (splitmix64).
+
+    ComfyUI draws the starting noise from a CPU generator seeded with ``seed``. A fresh-noise generator seeded
+    with the same number on a CPU tensor repeats that draw, so the first re-noise would reuse the starting
+    noise: at 2 steps that is nearly deterministic DDIM, not the official update, and the image would depend on
+    the device (a CUDA generator draws other numbers). A mixed seed keeps the two streams independent.
+    """
+    z = (int(seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: every torch generator accepts it
+
+
 def default_noise_sampler(x: Tensor, seed: int | None = None) -> NoiseSampler:
-    """Fresh N(0, I) noise like ``x`` from a generator seeded once on ``x``'s device (ComfyUI's convention)."""
+    """Fresh N(0, I) noise like ``x`` from a generator on ``x``'s device seeded with ``fresh_noise_seed(seed)``."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed)
+        generator.manual_seed(fresh_noise_seed(seed))
 
     def sample(sigma: Tensor, sigma_next: Tensor) -> Tensor:
         return torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)

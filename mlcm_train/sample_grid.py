@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlcm import sample_mlcm, segment_timesteps, sigmas_from_alphas_cumprod
+from mlcm import default_noise_sampler, sample_mlcm, segment_timesteps, sigmas_from_alphas_cumprod
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,9 @@ def sample_latents(
     sigmas = sigmas_from_alphas_cumprod(alphas_cumprod, timesteps).to(noise.device)
     # z_T = noise at the first boundary; in VE space x = z / a = noise * sqrt(1 + sigma^2).
     x = noise.float() * (1.0 + sigmas[0] ** 2).sqrt()
-    generator = torch.Generator(device=noise.device).manual_seed(seed)
-
-    def fresh_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
     denoiser = eps_to_denoiser(eps_fn, alphas_cumprod, timesteps, cond)
-    return sample_mlcm(denoiser, x, sigmas, disable=True, noise_sampler=fresh_noise)
+    # Fresh noise from a stream apart from the starting noise's (mlcm.fresh_noise_seed), as in ComfyUI.
+    return sample_mlcm(denoiser, x, sigmas, disable=True, noise_sampler=default_noise_sampler(x, seed))
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mlcm import (
+    default_noise_sampler,
+    fresh_noise_seed,
     rule_eta,
     sample_mlcm,
     scaled_linear_alphas_cumprod,
@@ -41,11 +43,24 @@ def test_official_rule_renoises_with_fresh_noise_from_the_seed():
         return x0
 
     sample_mlcm(model, torch.zeros(1, 4, 4, 4), sigmas, disable=True, eta=1.0, extra_args={"seed": 7})
-    generator = torch.Generator().manual_seed(7)
-    for i in range(1, 4):  # every later input is x0 + sigma_i * (the i-th draw from the seeded generator)
+    generator = torch.Generator().manual_seed(fresh_noise_seed(7))
+    for i in range(1, 4):  # every later input is x0 + sigma_i * (the i-th draw of the fresh-noise stream)
         expected = x0 + sigmas[i] * torch.randn(1, 4, 4, 4, generator=generator)
         torch.testing.assert_close(seen[i][0], expected)
         assert seen[i][1].item() == pytest.approx(sigmas[i].item())
+
+
+def test_fresh_noise_is_independent_of_comfyuis_starting_noise():
+    # ComfyUI draws the starting noise with torch.manual_seed(seed) on the CPU (comfy.sample.prepare_noise);
+    # a fresh-noise generator seeded with the same number would repeat it as the first re-noise draw.
+    seed, shape = 42, (1, 4, 64, 64)
+    start = torch.randn(shape, generator=torch.manual_seed(seed))
+    first_fresh = default_noise_sampler(start, seed)(torch.tensor(1.0), torch.tensor(0.5))
+    correlation = torch.corrcoef(torch.stack([start.flatten(), first_fresh.flatten()]))[0, 1]
+    assert abs(float(correlation)) < 0.05
+    seeds = {fresh_noise_seed(s) for s in (0, 1, 2, 2**32, 2**63 - 1, 2**64 - 1)}
+    assert len(seeds) == 6 and all(0 <= s < 2**63 for s in seeds)
+    assert fresh_noise_seed(7) == fresh_noise_seed(7)
 
 
 def test_deterministic_rule_is_ddim_and_draws_no_noise():

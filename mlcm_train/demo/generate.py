@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mlcm import sample_mlcm, sigmas_from_alphas_cumprod
+from mlcm import default_noise_sampler, sample_mlcm, sigmas_from_alphas_cumprod
 from mlcm_train.distill import cfg_eps, ddim_to, x0_from_eps
 from mlcm_train.sample_grid import decode_latents, eps_to_denoiser
 
@@ -61,13 +61,9 @@ def consistency_sample(
     """Multistep consistency sampling at ``timesteps`` with the official fresh-noise update; returns z0."""
     sigmas = sigmas_from_alphas_cumprod(alphas_cumprod, list(timesteps)).to(noise.device)
     x = noise.float() * (1.0 + sigmas[0] ** 2).sqrt()  # z_T = noise in VE space x = z / a
-    generator = torch.Generator(device=noise.device).manual_seed(seed)
-
-    def fresh_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
     denoiser = eps_to_denoiser(eps_fn, alphas_cumprod, list(timesteps), cond)
-    return sample_mlcm(denoiser, x, sigmas, disable=True, noise_sampler=fresh_noise)
+    # Fresh noise from a stream apart from the starting noise's (mlcm.fresh_noise_seed), as in ComfyUI.
+    return sample_mlcm(denoiser, x, sigmas, disable=True, noise_sampler=default_noise_sampler(x, seed))
 
 
 @dataclass

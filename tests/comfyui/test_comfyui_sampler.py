@@ -54,14 +54,43 @@ def sample_custom(
     )
 
 
-def test_official_rule_equals_comfyui_lcm_sampler(node_classes, model, family) -> None:
+def seeded_noise(seed: int):
+    """A fresh-noise sampler (ComfyUI's ``noise_sampler`` option) drawing from its own CPU generator."""
+    from comfy_tiny import LATENT_SIZE
+
+    generator = torch.Generator().manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=generator)
+
+
+def test_official_rule_equals_comfyui_lcm_sampler_given_the_same_fresh_noise(
+    node_classes, model, family
+) -> None:
     import comfy.samplers
 
     sigmas = mlcm_sigmas(node_classes, model, 4)
-    ours = sample_custom(model, family, mlcm_sampler(node_classes), sigmas)
-    builtin = sample_custom(model, family, comfy.samplers.ksampler("lcm"), sigmas)
+    node = mlcm_sampler(node_classes)
+    ours = comfy.samplers.KSAMPLER(
+        node.sampler_function, {**node.extra_options, "noise_sampler": seeded_noise(3)}
+    )
+    builtin = comfy.samplers.ksampler("lcm", {"noise_sampler": seeded_noise(3)})
+    ours, builtin = sample_custom(model, family, ours, sigmas), sample_custom(model, family, builtin, sigmas)
     assert torch.isfinite(ours).all() and ours.abs().max() > 0
     torch.testing.assert_close(ours, builtin, atol=1e-6, rtol=0)
+
+
+def test_fresh_noise_does_not_repeat_the_starting_noise_on_cpu(node_classes, model, family) -> None:
+    # On the CPU ComfyUI's lcm seeds its fresh noise exactly as prepare_noise seeded the starting noise, so its
+    # first re-noise reuses the starting noise; ours draws from a separate stream (mlcm.fresh_noise_seed).
+    import comfy.samplers
+
+    sigmas = mlcm_sigmas(node_classes, model, 2)
+    ours = sample_custom(model, family, mlcm_sampler(node_classes), sigmas)
+    builtin = sample_custom(model, family, comfy.samplers.ksampler("lcm"), sigmas)
+    repeated = sample_custom(
+        model, family, comfy.samplers.ksampler("lcm", {"noise_sampler": seeded_noise(SEED)}), sigmas
+    )
+    torch.testing.assert_close(builtin, repeated, atol=1e-6, rtol=0)  # lcm's fresh noise = prepare_noise's
+    assert (ours - builtin).abs().max() > 1e-3
 
 
 def test_deterministic_rule_ignores_the_noise_seed(node_classes, model, family) -> None:
