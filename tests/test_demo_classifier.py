@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlcm_train.demo import data
-from mlcm_train.demo.classifier import classifier_reward, load_classifier, predict
+from mlcm_train.demo.classifier import REWARD_TEMPERATURE, classifier_reward, load_classifier, predict
 from mlcm_train.demo.run import ASSET_DIR
 from mlcm_train.eval.demo_metrics import DemoEvaluator
 
@@ -48,6 +48,25 @@ def test_reward_is_differentiable_and_prefers_the_caption(classifier, heldout):
     wrong = [data.caption((int(d) + 1) % 10, int(c)) for d, c in zip(heldout.digits[:8], heldout.colours[:8])]
     assert float(right.mean()) > float(classifier_reward(classifier, heldout.images[:8], wrong).mean())
     assert bool((right <= 0).all())  # a sum of log-probabilities
+
+
+def test_reward_is_the_tempered_log_probability_and_keeps_headroom(classifier, heldout):
+    images, captions = heldout.images[:32], heldout.captions[:32]
+    labels = torch.tensor([data.parse_caption(c) for c in captions])
+    with torch.no_grad():
+        digit_logits, colour_logits = classifier(images)
+        for temperature in (1.0, REWARD_TEMPERATURE):
+            expected = (digit_logits / temperature).log_softmax(-1)[range(32), labels[:, 0]] + (
+                colour_logits / temperature
+            ).log_softmax(-1)[range(32), labels[:, 1]]
+            got = classifier_reward(classifier, images, captions, temperature=temperature)
+            torch.testing.assert_close(got, expected)
+        plain = classifier_reward(classifier, images, captions, temperature=1.0)
+        tempered = classifier_reward(classifier, images, captions)
+    # A typical real digit sits at the T=1 ceiling (0); the tempered reward leaves room to improve it.
+    assert float(plain.median()) > -0.01 and float(tempered.median()) < -0.05
+    with pytest.raises(ValueError, match="temperature"):
+        classifier_reward(classifier, images, captions, temperature=0.0)
 
 
 def test_missing_classifier_names_its_files(tmp_path):

@@ -2,8 +2,8 @@
 
 Three uses (issue 4 item 3): its penultimate features define the demo's Frechet distance (as Inception's do
 for FID, Heusel et al. 2017); its argmax says whether an image shows the caption's digit and colour (prompt
-accuracy); and ``log p(digit | x) + log p(colour | x)`` of the caption's labels is a differentiable reward
-of decoded images (what the reward stage of issue 5 maximises).
+accuracy); and the tempered ``log p_T(digit | x) + log p_T(colour | x)`` of the caption's labels is a
+differentiable reward of decoded images (what the reward stage of issue 5 maximises).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier_config.json"
+# The reward's softmax temperature. At T=1 it saturates: the demo's stage-2 student at 4 steps scores
+# log p = -0.005 (99.9% prompt accuracy, 960 images), so the mean only counts the rare failures and a reward
+# stage has nothing to gain. A preference model's score keeps rising as images get better; at T=4 the same
+# images score -0.25 and the reward still prefers clearer, more typical digits and colours, while a wrong
+# digit or colour still costs the most.
+REWARD_TEMPERATURE = 4.0
 
 
 @dataclass(frozen=True)
@@ -134,12 +140,23 @@ def load_classifier(folder: str | Path) -> DigitClassifier:
     return model.eval()
 
 
-def classifier_reward(model: DigitClassifier, images: Tensor, prompts: Sequence[str]) -> Tensor:
-    """Differentiable reward per image: ``log p(digit | x) + log p(colour | x)`` of the prompt's labels (<= 0)."""
+def classifier_reward(
+    model: DigitClassifier,
+    images: Tensor,
+    prompts: Sequence[str],
+    *,
+    temperature: float = REWARD_TEMPERATURE,
+) -> Tensor:
+    """Differentiable reward per image: ``log p_T(digit | x) + log p_T(colour | x)`` of the prompt's labels.
+
+    ``p_T = softmax(logits / temperature)``; the reward is <= 0, and 0 only for infinitely confident images.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
     labels = torch.tensor([data.parse_caption(p) for p in prompts], dtype=torch.long, device=images.device)
     digit_logits, colour_logits = model(images)
-    digit_lp = digit_logits.log_softmax(-1).gather(1, labels[:, :1]).squeeze(1)
-    colour_lp = colour_logits.log_softmax(-1).gather(1, labels[:, 1:]).squeeze(1)
+    digit_lp = (digit_logits / temperature).log_softmax(-1).gather(1, labels[:, :1]).squeeze(1)
+    colour_lp = (colour_logits / temperature).log_softmax(-1).gather(1, labels[:, 1:]).squeeze(1)
     return digit_lp + colour_lp
 
 

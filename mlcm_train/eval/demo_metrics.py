@@ -20,7 +20,7 @@ class DemoScores:
     prompt_accuracy: float  # fraction whose predicted digit AND colour match the caption
     digit_accuracy: float
     colour_accuracy: float
-    reward: float  # mean of log p(digit|x) + log p(colour|x) of the caption's labels
+    reward: float  # mean classifier_reward: tempered log p(digit|x) + log p(colour|x) of the caption
 
     def to_dict(self) -> dict[str, float]:
         return {

@@ -1,7 +1,8 @@
 """The reward stage of the demo (issue 5): the demo classifier's reward, the demo FD held out, 2 and 4 steps.
 
-The demo's MLCM LoRA (``python -m mlcm_train demo``) is tuned with ``log p(digit | x) + log p(colour | x)`` of
-its caption, anchored by the stage-2 loss; the Frechet distance to held-out real digits is the held-out
+The demo's MLCM LoRA (``python -m mlcm_train demo``) is tuned with the classifier's tempered
+``log p_T(digit | x) + log p_T(colour | x)`` of its caption (``demo.classifier.REWARD_TEMPERATURE``), anchored by
+the stage-2 loss; the Frechet distance to held-out real digits is the held-out
 measure and the "guarded" rule keeps the highest reward whose FD is at most 10% worse than before.
 """
 
@@ -17,9 +18,11 @@ from ..reward_config import RewardConfig
 DEMO_REWARD_LR = 2e-4
 DEMO_REWARD_ITERATIONS = 100
 DEMO_EVAL_SAMPLES = 240  # the demo table's 4 images per caption
-# Anchor weight 3 (stage-2 loss x 3): measured on the shipped teacher, weight 1 let FD grow 14-16% (600 images
-# x 3 seeds) for the same reward gain; weight 3 kept it at +6-8% (issue 5 asks for at most 10%).
-DEMO_ANCHOR_WEIGHT = 3.0
+# Anchor weight 10 (stage-2 loss x 10), measured from the demo's stage-2 LoRA, 100 iterations at lr 2e-4, each
+# scored on 4 x 240 images: weight 3 raised the 4-step reward -0.248 -> -0.195 but FD 189 -> 228 (+21%);
+# weight 10 gave -0.248 -> -0.216 with FD +2% (2 steps: -0.335 -> -0.270, FD -3%). 200 iterations at weight
+# 10 reached FD +10% at 4 steps; issue 5 allows at most 10%.
+DEMO_ANCHOR_WEIGHT = 10.0
 
 
 def demo_reward_config(

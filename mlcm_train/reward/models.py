@@ -14,7 +14,8 @@ e.g. ``hpsv2=/models/hps,aesthetic*0.5=/models/aesthetic``. What each PATH must 
 - ``imagereward``: a folder with ``ImageReward.pt`` and ``med_config.json``; needs the ``image-reward``
   package (BLIP is not re-implemented here); normalised score as the package reports it.
 - ``classifier``: the demo classifier folder (``classifier.safetensors`` + ``classifier_config.json``);
-  score ``log p(digit | x) + log p(colour | x)`` of the caption (``mlcm_train.demo.classifier``).
+  score ``log p_T(digit | x) + log p_T(colour | x)`` of the caption at the classifier's temperature
+  (``mlcm_train.demo.classifier.classifier_reward``).
 - ``brightness``: no weights; mean luminance in [0, 1]. A toy for smoke tests, not a preference model.
 """
 
@@ -236,7 +237,7 @@ class ImageRewardReward:
 
 
 class ClassifierReward:
-    """The demo's ``log p(digit | x) + log p(colour | x)`` of the caption's labels (<= 0)."""
+    """The demo's tempered ``log p_T(digit | x) + log p_T(colour | x)`` of the caption's labels (<= 0)."""
 
     name = "classifier"
 
