@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of kohya,peft,diffusers (default: the run's)",
     )
     export.add_argument("--name", default=None, help="file stem (default: mlcm_<family>_<segments>seg)")
+    export.add_argument(
+        "--best",
+        action="store_true",
+        help="reward runs: export the LoRA the keep-best rule kept (<run>/best) instead of the checkpoint's",
+    )
     export.set_defaults(run=_run_export)
 
     # Subcommands owned by their features (issues 4 and 5); each module builds its own flags.
@@ -294,7 +299,9 @@ def _run_trajectories(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    written = export_checkpoint(args.checkpoint, out_dir=args.out, formats=args.formats, name=args.name)
+    written = export_checkpoint(
+        args.checkpoint, out_dir=args.out, formats=args.formats, name=args.name, best=args.best
+    )
     for path in written:
         log.info("wrote %s", path)
     return 0

@@ -146,9 +146,19 @@ def export_checkpoint(
     out_dir: str | Path | None = None,
     formats: Sequence[str] | None = None,
     name: str | None = None,
+    best: bool = False,
 ) -> list[Path]:
-    """``python -m mlcm_train export CHECKPOINT``: export a checkpoint (or a run's newest) without the teacher."""
+    """``python -m mlcm_train export CHECKPOINT``: export a checkpoint (or a run's newest) without the teacher.
+
+    A reward run's checkpoint goes to ``reward.export.export_reward_checkpoint`` (``best``: its kept LoRA).
+    """
     saved = load_checkpoint(checkpoint)
+    if "reward" in saved.config:
+        from .reward.export import export_reward_checkpoint
+
+        return export_reward_checkpoint(saved, out_dir=out_dir, formats=formats, name=name, best=best)
+    if best:
+        raise ValueError(f"--best is for reward runs; {saved.path} is a distill checkpoint")
     config = DistillConfig.from_dict(saved.config)
     target = Path(out_dir) if out_dir is not None else saved.path.parent.parent / "export"
     return export_lora(saved.lora, config, saved.state, target, formats=formats, name=name)

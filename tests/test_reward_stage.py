@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import TINY_PROMPTS as PROMPTS
 from tiny_models import make_tiny_sd15, make_tiny_sdxl
 from tiny_reward_models import make_tiny_clip
@@ -141,6 +142,41 @@ def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
     assert all("eval_reward@1" in r and "eval_heldout@2" in r for r in evals)
     assert any("anchor_loss" in r for r in rows)
     assert (tmp_path / "run" / "best" / "guard.json").is_file()
+
+
+def test_export_cli_rewrites_a_reward_checkpoint_or_its_kept_lora(distilled, tmp_path, capsys):
+    run = tmp_path / "run"
+    result = train_reward(tiny_reward_config(distilled, run, checkpoint_every=4))
+    assert main(["export", str(run), "--out", str(tmp_path / "last"), "--formats", "kohya,peft"]) == 0
+    last = read_lora(tmp_path / "last" / "mlcm_sd15_8seg_reward.safetensors")
+    assert last.metadata.stages[-1] == "reward:brightness"
+    assert last.metadata.training["reward"]["kept_step"] == 4
+    assert (tmp_path / "last" / "mlcm_sd15_8seg_reward_peft" / "adapter_config.json").is_file()
+    current = lora_state_dict(result.unet)
+    module = next(iter(last.modules.values()))
+    assert any(torch.equal(module.down.float(), v.half().float()) for v in current.values())
+    # --best: the LoRA the keep-best rule kept, the same tensors the run exported itself at its end
+    assert main(["export", str(run), "--out", str(tmp_path / "best"), "--best"]) == 0
+    best, own = (
+        load_file(str(d / "mlcm_sd15_8seg_reward.safetensors")) for d in (tmp_path / "best", run / "export")
+    )
+    assert best.keys() == own.keys() and all(torch.equal(best[k], own[k]) for k in best)
+    kept = json.loads((run / "best" / "guard.json").read_text())["best"]["step"]
+    assert (
+        read_lora(tmp_path / "best" / "mlcm_sd15_8seg_reward.safetensors").metadata.training["reward"][
+            "kept_step"
+        ]
+        == kept
+    )
+    capsys.readouterr()
+    assert main(["export", str(distilled[2]), "--out", str(tmp_path / "x"), "--best"]) == 2
+    assert "--best is for reward runs" in capsys.readouterr().err
+    distilled[3].rename(distilled[3].with_suffix(".moved"))
+    try:
+        assert main(["export", str(run), "--out", str(tmp_path / "y")]) == 2
+    finally:
+        distilled[3].with_suffix(".moved").rename(distilled[3])
+    assert "needs the LoRA this reward run started from" in capsys.readouterr().err
 
 
 def test_toy_reward_rises_starting_from_a_run_directory(distilled, tmp_path):

@@ -12,11 +12,13 @@ import torch
 
 from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
 
-from ..config import DistillConfig
+from ..config import EXPORT_FORMATS, DistillConfig
 from ..export import write_diffusers_file, write_peft_folder
 from ..reward_config import RewardConfig
-from .guard import RewardGuard
-from .start import StartLora
+from .guard import BEST_DIR, BEST_LORA, GUARD_FILE, RewardGuard
+from .models import reward_spec_name
+from .recipe import resolve_segments
+from .start import StartLora, read_start_lora
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +117,61 @@ def export_kept_lora(
     for path in written:
         log.info("exported %s (weights of step %d, keep-best rule %s)", path, kept_step, config.keep_best)
     return written
+
+
+def export_reward_checkpoint(
+    saved: Any,
+    *,
+    out_dir: str | Path | None = None,
+    formats: Sequence[str] | None = None,
+    name: str | None = None,
+    best: bool = False,
+) -> list[Path]:
+    """``python -m mlcm_train export`` of a reward run's checkpoint (``saved``), or with ``best`` its kept LoRA.
+
+    Needs no teacher and no reward weights; it does need the LoRA the run started from (its rank, alpha and
+    metadata go into the export), at the path the run's config names.
+    """
+    config = RewardConfig.from_dict(saved.config)
+    formats = tuple(formats or config.export_formats)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"export formats {unknown} are unknown; choose from {', '.join(EXPORT_FORMATS)}")
+    run_dir = saved.path.parent.parent
+    try:
+        start = read_start_lora(config.lora)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"exporting {saved.path} needs the LoRA this reward run started from ({config.lora}): its rank, "
+            "alpha and metadata go into the export. Put it back at that path and export again."
+        ) from error
+    lora, kept_step, rule = saved.lora, saved.state.global_step, "checkpoint"
+    facts: dict[str, Any] = {"global_step": saved.state.global_step}
+    if best:
+        guard_file = run_dir / BEST_DIR / GUARD_FILE
+        if not guard_file.is_file() or not (run_dir / BEST_DIR / BEST_LORA).is_file():
+            raise FileNotFoundError(
+                f"{run_dir / BEST_DIR} holds no kept LoRA (rule {config.keep_best!r}); export the checkpoint "
+                "without --best"
+            )
+        from safetensors.torch import load_file
+
+        record = json.loads(guard_file.read_text(encoding="utf-8"))
+        lora, kept_step, rule = (
+            load_file(str(run_dir / BEST_DIR / BEST_LORA)),
+            record["best"]["step"],
+            record["rule"],
+        )
+        facts["evaluations"] = {"first": record["history"][0], "kept": record["best"]}
+    facts.update(kept_step=kept_step, keep_best=rule)
+    meta = reward_metadata(
+        start,
+        config,
+        reward_name=reward_spec_name(config.reward),
+        segments=resolve_segments(config, start),
+        family=saved.state.family,
+        facts=facts,
+    )
+    targets = sorted({key.rsplit(".lora_", 1)[0] for key in lora})
+    target = Path(out_dir) if out_dir is not None else run_dir / "export"
+    return export_reward_lora(lora, start, targets, meta, target, formats=formats, name=name)

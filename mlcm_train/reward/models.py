@@ -11,8 +11,9 @@ e.g. ``hpsv2=/models/hps,aesthetic*0.5=/models/aesthetic``. What each PATH must 
   (hpsv2's ``img_score``).
 - ``aesthetic``: a folder with the LAION head ``sac+logos+ava1-l14-linearMSE.pth`` (or ``.safetensors``) and
   its CLIP ViT-L/14 in a ``clip/`` subfolder (or the same folder) (``mlcm_train.eval.aesthetic``).
-- ``imagereward``: a folder with ``ImageReward.pt`` and ``med_config.json``; needs the ``image-reward``
-  package (BLIP is not re-implemented here); normalised score as the package reports it.
+- ``imagereward``: a folder with ``ImageReward.pt``, ``med_config.json`` and BLIP's tokenizer in
+  ``bert-base-uncased/``; needs the ``image-reward`` package (BLIP is not re-implemented here); normalised
+  score as the package reports it (``mlcm_train.eval.image_reward``).
 - ``classifier``: the demo classifier folder (``classifier.safetensors`` + ``classifier_config.json``);
   score ``log p_T(digit | x) + log p_T(colour | x)`` of the caption at the classifier's temperature
   (``mlcm_train.demo.classifier.classifier_reward``).
@@ -73,6 +74,14 @@ def parse_reward_specs(text: str) -> list[RewardSpec]:
     if not specs:
         raise ValueError("no reward given; pass --reward NAME=PATH, e.g. --reward hpsv2=/models/hpsv2")
     return specs
+
+
+def reward_spec_name(text: str) -> str:
+    """The name ``build_reward(text).name`` has, without loading any weights (e.g. ``clip+aesthetic*0.5``)."""
+    specs = parse_reward_specs(text)
+    if len(specs) == 1 and specs[0].weight == 1.0:
+        return specs[0].name
+    return "+".join(s.name if s.weight == 1.0 else f"{s.name}*{s.weight:g}" for s in specs)
 
 
 def build_reward(text: str, device: str | torch.device = "cpu") -> Reward:
