@@ -128,10 +128,14 @@ def test_missing_weights_name_the_expected_files(tmp_path):
 
 
 def test_image_reward_without_its_package_says_what_to_install(tmp_path):
-    from mlcm_train.eval.image_reward import FILES, ImageRewardScorer
+    from mlcm_train.eval.image_reward import FILES, TOKENIZER_DIR, ImageRewardScorer
 
     for name in FILES:
         (tmp_path / name).write_text("{}")
+    with pytest.raises(MissingWeightsError, match="vocab.txt"):
+        ImageRewardScorer(tmp_path)  # BLIP's tokenizer is read locally too, never fetched
+    (tmp_path / TOKENIZER_DIR).mkdir()
+    (tmp_path / TOKENIZER_DIR / "vocab.txt").write_text("[PAD]\n")
     try:
         import ImageReward  # noqa: F401
     except ImportError:

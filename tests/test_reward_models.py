@@ -141,6 +141,8 @@ def test_imagereward_needs_its_files_then_its_package(tmp_path):
         build_reward(f"imagereward={tmp_path}")
     (tmp_path / "ImageReward.pt").write_bytes(b"not read")
     (tmp_path / "med_config.json").write_text("{}")
+    (tmp_path / "bert-base-uncased").mkdir()
+    (tmp_path / "bert-base-uncased" / "vocab.txt").write_text("[PAD]\n")
     try:
         import ImageReward  # noqa: F401
     except ImportError:

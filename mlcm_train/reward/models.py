@@ -30,15 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from mlcm_train.eval.clip_score import ClipScorer, clip_preprocess
-from mlcm_train.eval.weights import MissingWeightsError, require_files
+from mlcm_train.eval.weights import MissingWeightsError
 
 from .interface import Reward, WeightedReward, freeze
 
 # Rec. 601 luma weights for the toy brightness reward.
 LUMA = (0.299, 0.587, 0.114)
-# ImageReward's BLIP takes 224 px images and prompts of at most 35 tokens (ImageReward.py / ReFL.py).
-IMAGEREWARD_SIZE = 224
-IMAGEREWARD_MAX_TOKENS = 35
 HPS_FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt")
 HPS_ARCH = "ViT-H-14"  # the OpenCLIP architecture HPSv2 fine-tunes
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
@@ -211,35 +208,16 @@ class ImageRewardReward:
     name = "imagereward"
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
-        from mlcm_train.eval.image_reward import FILES
+        from mlcm_train.eval.image_reward import FILES, load_imagereward
 
-        folder = require_files(
-            "ImageReward", _need(self.name, path, FILES), FILES, "Download ImageReward.pt and med_config.json"
-        )
-        try:
-            import ImageReward as reward_package  # noqa: N813 - the package's own capitalised name
-        except ImportError as error:
-            raise ImportError(
-                "the imagereward reward needs the `image-reward` package (`pip install image-reward`); "
-                f"its weights are then read from {folder} ({', '.join(FILES)})"
-            ) from error
-        model = reward_package.load(
-            str(folder / FILES[0]), device=str(device), med_config=str(folder / FILES[1])
-        )
-        self.model = freeze(model, device)
+        self.model = freeze(load_imagereward(_need(self.name, path, FILES), device), device)
         self.device = torch.device(device)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        from mlcm_train.eval.image_reward import IMAGEREWARD_SIZE, imagereward_scores
+
         pixels = clip_preprocess(images.to(self.device), IMAGEREWARD_SIZE)  # BLIP uses CLIP's mean/std
-        tokens = self.model.blip.tokenizer(
-            list(prompts),
-            padding="max_length",
-            truncation=True,
-            max_length=IMAGEREWARD_MAX_TOKENS,
-            return_tensors="pt",
-        ).to(self.device)
-        raw = self.model.score_gard(tokens.input_ids, tokens.attention_mask, pixels).reshape(-1)
-        return (raw - self.model.mean) / self.model.std
+        return imagereward_scores(self.model, pixels, prompts)
 
     def modules(self) -> list[nn.Module]:
         return [self.model]
