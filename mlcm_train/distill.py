@@ -27,6 +27,9 @@ from mlcm_train.cond_batch import cat_cond, select_cond
 logger = logging.getLogger(__name__)
 
 EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
+# Randomness of a batch: one generator for the whole batch, or one per sample. Per-sample generators make
+# a sample's draws depend only on its own seed, so any split over processes gives the same samples.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 FeatureFn = Callable[[Tensor], Tensor]
 
 LOSS_TYPES = ("l2", "huber")
@@ -306,12 +309,13 @@ def student_sample(
     timesteps: Sequence[int],
     alphas_cumprod: Tensor,
     renoise: str = "same",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Multistep consistency sample (TLCM Algorithm 2, first loop): x0, then re-noise to the next timestep.
 
     ``renoise="same"`` reuses ``noise`` for every re-noise (Algorithm 2 literally); ``"fresh"`` draws new
-    noise each time like the official inference code. Returns the last x0 (float32).
+    noise each time like the official inference code, from ``generator`` (see ``Generators``). Returns the
+    last x0 (float32).
     """
     if renoise not in RENOISE_MODES:
         raise ValueError(f"renoise={renoise!r} is unknown; choose one of {', '.join(RENOISE_MODES)}")
@@ -327,19 +331,30 @@ def student_sample(
     return x0
 
 
-def _renoise_draw(noise: Tensor, renoise: str, generator: torch.Generator | None) -> Tensor:
+def _renoise_draw(noise: Tensor, renoise: str, generator: Generators) -> Tensor:
     if renoise == "same":
         return noise
+    if isinstance(generator, Sequence):  # one draw per sample from its own generator, then to the device
+        return torch.stack(
+            [torch.randn(noise.shape[1:], generator=g, dtype=torch.float32) for g in generator]
+        ).to(noise.device)
     return torch.randn(noise.shape, generator=generator, device=noise.device, dtype=torch.float32)
 
 
 def stage2_timesteps(
-    batch_size: int, boundaries: Sequence[int], generator: torch.Generator | None = None
+    batch_size: int, boundaries: Sequence[int], generator: Generators = None
 ) -> tuple[Tensor, Tensor]:
     """Stage-2 (t_m, t_n): t_m a random upper boundary ``{t_s}_{s=1..M}``, t_n the next lower one."""
     segments = len(boundaries) - 1
-    device = generator.device if generator is not None else torch.device("cpu")
-    segment = torch.randint(0, segments, (batch_size,), generator=generator, device=device)
+    if isinstance(generator, Sequence):
+        if len(generator) != batch_size:
+            raise ValueError(f"{len(generator)} generators for {batch_size} samples; give one per sample")
+        segment = torch.cat(
+            [torch.randint(0, segments, (1,), generator=g, device=g.device) for g in generator]
+        )
+    else:
+        device = generator.device if generator is not None else torch.device("cpu")
+        segment = torch.randint(0, segments, (batch_size,), generator=generator, device=device)
     lo, hi = segment_bounds(segment, boundaries)
     return hi, lo
 
@@ -358,15 +373,15 @@ def stage2_loss(
     q: int = 4,
     p: int = 3,
     renoise: str = "same",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     feature_fn: FeatureFn | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Inter-segment consistency loss (TLCM Eq. 9-10, Algorithm 2) over the sparse segment boundaries.
 
     A q-step student sample (no grad) is forward-diffused (Eq. 9) to a random boundary t_m; p teacher
     CFG-DDIM sub-steps bring it to the next lower boundary t_n; the loss is between the student's x0 at
-    t_m and the no-grad target x0 at t_n. ``generator`` draws t_m (and fresh noise with renoise="fresh");
-    it must live on ``noise``'s device.
+    t_m and the no-grad target x0 at t_n. ``generator`` draws t_m (and fresh noise with renoise="fresh"):
+    one generator on ``noise``'s device for the batch, or one per sample (``Generators``).
     """
     _check_boundaries(boundaries, settings)
     if q < 1 or p < 1:

@@ -252,9 +252,6 @@ def train(
         else:
             cond = conditioning([phase.order(i) for i in samples])
             noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
-            stage2_gen = torch.Generator(accelerator.device).manual_seed(
-                derive_seed(config.seed, "stage2", phase.index, samples[0])
-            )
             loss, stats = stage2_loss(
                 timed(timer, "student_forward_backward", student_eps),
                 timed(timer, "teacher_target", target_eps),
@@ -268,7 +265,7 @@ def train(
                 q=config.stage2_q,
                 p=config.stage2_p,
                 renoise=config.stage2_renoise,
-                generator=stage2_gen,
+                generator=generators,  # per sample: t_m and fresh noise follow the sample, not the batch
                 feature_fn=feature_fn,
             )
         return loss, stats

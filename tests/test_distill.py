@@ -24,6 +24,7 @@ from mlcm_train.distill import (
     stage1_loss,
     stage2_loss,
     stage2_student_timesteps,
+    stage2_timesteps,
 )
 
 ACP = scaled_linear_alphas_cumprod()
@@ -304,6 +305,29 @@ def test_stage2_loss_is_zero_for_the_guided_consistent_student(renoise):
         settings=settings, alphas_cumprod=ACP, boundaries=BOUNDARIES, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert float(loss_wrong) > 1e-2
+
+
+def test_stage2_with_per_sample_generators_does_not_depend_on_the_batch_split():
+    # What two processes see: halves of the global batch, each sample with its own generator.
+    settings = DistillSettings(guidance_scale=2.0)
+    noise, x_c, x_u = randn(4, *SHAPE, seed=3), randn(4, *SHAPE, seed=1), randn(4, *SHAPE, seed=2)
+
+    def student(z, t, cond):
+        return 0.7 * cond_eps(z, t, cond) + 0.01 * t.view(-1, 1, 1, 1)
+
+    def loss(rows):
+        generators = [torch.Generator().manual_seed(100 + i) for i in rows]
+        value, stats = stage2_loss(
+            student, student, cond_eps, noise[rows], x_c[rows], x_u[rows], settings=settings,
+            alphas_cumprod=ACP, boundaries=BOUNDARIES, renoise="fresh", generator=generators,
+        )  # fmt: skip
+        return value
+
+    whole = loss([0, 1, 2, 3])
+    halves = (loss([0, 1]) + loss([2, 3])) / 2
+    torch.testing.assert_close(whole, halves, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="one per sample"):
+        stage2_timesteps(3, BOUNDARIES, [torch.Generator()])
 
 
 def test_stage2_visits_q_student_steps_then_p_teacher_substeps_between_boundaries():

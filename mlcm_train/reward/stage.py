@@ -215,7 +215,6 @@ def train_reward(
     def anchor_term(samples: range) -> tuple[Tensor, dict[str, float]]:
         indices = [order(i) for i in samples]
         generators = [sample_generator(config.seed, ANCHOR_STREAM, i) for i in samples]
-        generator = torch.Generator(device).manual_seed(derive_seed(config.seed, "reward_anchor", samples[0]))
         loss, stats = stage2_loss(
             student_eps,
             frozen_student_eps,
@@ -229,7 +228,7 @@ def train_reward(
             q=config.anchor_q,
             p=config.anchor_p,
             renoise=renoise_mode,
-            generator=generator,
+            generator=generators,  # per sample, as in distill: any process split draws the same
         )
         return config.anchor_weight * loss, {"anchor_loss": stats["loss"]}
 
