@@ -196,7 +196,7 @@ def _load_diffusers_folder(folder: Path, family: str, dtype: torch.dtype) -> dic
         sub = folder / name
         if not (sub / "config.json").is_file():
             raise FileNotFoundError(f"{sub}/config.json is missing; the {family} teacher needs its {name}")
-        dtype_kw = {"torch_dtype": dtype} if name in ("unet", "vae") else {"dtype": dtype}
+        dtype_kw = {"torch_dtype": dtype} if name in ("unet", "vae") else {_transformers_dtype_kwarg(): dtype}
         try:
             modules[name] = cls.from_pretrained(
                 folder, subfolder=name, local_files_only=True, variant=_variant(sub), **dtype_kw
@@ -206,6 +206,17 @@ def _load_diffusers_folder(folder: Path, family: str, dtype: torch.dtype) -> dic
                 f"could not load the {name} of {folder} ({exc}); its weights are missing or corrupt"
             ) from exc
     return modules
+
+
+def _transformers_dtype_kwarg() -> str:
+    """``dtype`` (transformers 4.56 and later, where ``torch_dtype`` is deprecated) or ``torch_dtype`` before.
+
+    Older releases still matter: ImageReward's BLIP code runs only with transformers before 4.50.
+    """
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _variant(subfolder: Path) -> str | None:

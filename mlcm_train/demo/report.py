@@ -56,9 +56,8 @@ def write_grid(rows: Sequence[tuple[str, Tensor]], prompts: Sequence[str], path:
     import matplotlib.pyplot as plt
 
     columns = len(prompts)
-    fig, axes = plt.subplots(
-        len(rows), columns, figsize=(0.9 * columns + 2.2, 0.9 * len(rows) + 0.6), squeeze=False
-    )
+    height = 0.9 * len(rows) + 0.8
+    fig, axes = plt.subplots(len(rows), columns, figsize=(0.9 * columns + 2.2, height), squeeze=False)
     for i, (label, images) in enumerate(rows):
         for j in range(columns):
             ax = axes[i][j]
@@ -68,8 +67,8 @@ def write_grid(rows: Sequence[tuple[str, Tensor]], prompts: Sequence[str], path:
             if i == 0:
                 ax.set_title(prompts[j].removeprefix("a ").removesuffix(" on a dark background"), fontsize=6)
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("same prompts and seeds in every row", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle("same prompts and seeds in every row", fontsize=8, y=1.0 - 0.08 / height)
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.3 / height))  # keep the title clear of the column labels
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,8 +19,8 @@ DEMO_REWARD_LR = 2e-4
 DEMO_REWARD_ITERATIONS = 100
 DEMO_EVAL_SAMPLES = 240  # the demo table's 4 images per caption
 # Anchor weight 20 (stage-2 loss x 20), measured from the demo's stage-2 LoRA, 100 iterations at lr 2e-4, each
-# scored like the table on 4 seed sets x 240 images (4-step reward / FD; start -0.249 / 188.9):
-#   anchor 3: -0.195 / +21%    anchor 10: -0.213 / +7%    anchor 20: -0.225 / -0.4%
+# scored like the table on 4 seed sets x 240 images (4-step reward / FD change; start -0.249 / 188.9):
+#   anchor 10: -0.213 / +6.8%    anchor 20: -0.225 / -0.4%    (anchor 3, on an earlier LoRA: +21%)
 # (2 steps, anchor 20: -0.349 -> -0.281, FD -3%). Issue 5 allows FD at most 10% worse; 20 leaves the margin
 # that a 240-image table row needs (its FD moves 1-4% between seed sets at 4 steps, 8-9% at 2).
 DEMO_ANCHOR_WEIGHT = 20.0
