@@ -104,6 +104,19 @@ def write_diffusers_file(folder: Path, lora_state: dict[str, torch.Tensor], conf
     return folder / DIFFUSERS_WEIGHTS
 
 
+def check_export_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """The formats as a tuple, or a ValueError naming an unknown one and the choices."""
+    for fmt in formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"export format {fmt!r} is unknown; choose from {', '.join(EXPORT_FORMATS)}")
+    return tuple(formats)
+
+
+def lora_targets(lora_state: dict[str, torch.Tensor]) -> list[str]:
+    """The module names a PEFT-named LoRA state dict covers (``<module>.lora_A.weight`` -> ``<module>``)."""
+    return sorted({key.rsplit(".lora_", 1)[0] for key in lora_state})
+
+
 def export_lora(
     lora_state: dict[str, torch.Tensor],
     config: DistillConfig,
@@ -114,10 +127,7 @@ def export_lora(
     name: str | None = None,
 ) -> list[Path]:
     """Write the LoRA in each format (default: the config's); returns the written paths."""
-    formats = tuple(formats or config.export_formats)
-    for fmt in formats:
-        if fmt not in EXPORT_FORMATS:
-            raise ValueError(f"export format {fmt!r} is unknown; choose from {', '.join(EXPORT_FORMATS)}")
+    formats = check_export_formats(formats or config.export_formats)
     meta = build_metadata(config, state)
     stem = name or f"mlcm_{state.family}_{meta.segments}seg"
     out_dir = Path(out_dir)

@@ -12,8 +12,8 @@ import torch
 
 from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
 
-from ..config import EXPORT_FORMATS, DistillConfig
-from ..export import write_diffusers_file, write_peft_folder
+from ..config import DistillConfig
+from ..export import check_export_formats, lora_targets, write_diffusers_file, write_peft_folder
 from ..reward_config import RewardConfig
 from .guard import BEST_DIR, BEST_LORA, GUARD_FILE, RewardGuard
 from .models import reward_spec_name
@@ -112,8 +112,9 @@ def export_kept_lora(
     meta = reward_metadata(
         start, config, reward_name=reward_name, segments=segments, family=family, facts=facts
     )
-    targets = sorted({key.rsplit(".lora_", 1)[0] for key in chosen})
-    written = export_reward_lora(chosen, start, targets, meta, out_dir, formats=config.export_formats)
+    written = export_reward_lora(
+        chosen, start, lora_targets(chosen), meta, out_dir, formats=config.export_formats
+    )
     for path in written:
         log.info("exported %s (weights of step %d, keep-best rule %s)", path, kept_step, config.keep_best)
     return written
@@ -133,10 +134,7 @@ def export_reward_checkpoint(
     metadata go into the export), at the path the run's config names.
     """
     config = RewardConfig.from_dict(saved.config)
-    formats = tuple(formats or config.export_formats)
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown:
-        raise ValueError(f"export formats {unknown} are unknown; choose from {', '.join(EXPORT_FORMATS)}")
+    formats = check_export_formats(formats or config.export_formats)
     run_dir = saved.path.parent.parent
     try:
         start = read_start_lora(config.lora)
@@ -172,6 +170,5 @@ def export_reward_checkpoint(
         family=saved.state.family,
         facts=facts,
     )
-    targets = sorted({key.rsplit(".lora_", 1)[0] for key in lora})
     target = Path(out_dir) if out_dir is not None else run_dir / "export"
-    return export_reward_lora(lora, start, targets, meta, target, formats=formats, name=name)
+    return export_reward_lora(lora, start, lora_targets(lora), meta, target, formats=formats, name=name)

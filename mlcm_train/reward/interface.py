@@ -7,7 +7,7 @@ gradients reach the pixels (training_anchors.md §3.7). Higher scores are better
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -33,6 +33,11 @@ def decoded_to_unit(decoded: Tensor) -> Tensor:
     return (decoded.float() / 2 + 0.5).clamp(0.0, 1.0)
 
 
+def weighted_name(parts: Iterable[tuple[str, float]]) -> str:
+    """``clip+aesthetic*0.5``: the parts' names joined by ``+``, each weight other than 1 after a ``*``."""
+    return "+".join(name if weight == 1.0 else f"{name}*{weight:g}" for name, weight in parts)
+
+
 def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
     """A reward's output as (B,) float32; a wrong shape is an error naming the reward."""
     scores = scores.float().reshape(-1) if scores.ndim == 2 and scores.shape[1] == 1 else scores.float()
@@ -55,7 +60,7 @@ class WeightedReward:
 
     @property
     def name(self) -> str:
-        return "+".join(r.name if w == 1.0 else f"{r.name}*{w:g}" for w, r in self.parts)
+        return weighted_name((r.name, w) for w, r in self.parts)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return sum(w * check_scores(r.name, r(images, prompts), images.shape[0]) for w, r in self.parts)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from mlcm_train.eval.clip_score import ClipScorer, clip_preprocess
 from mlcm_train.eval.weights import MissingWeightsError
 
-from .interface import Reward, WeightedReward, freeze
+from .interface import Reward, WeightedReward, freeze, weighted_name
 
 # Rec. 601 luma weights for the toy brightness reward.
 LUMA = (0.299, 0.587, 0.114)
@@ -75,10 +75,7 @@ def parse_reward_specs(text: str) -> list[RewardSpec]:
 
 def reward_spec_name(text: str) -> str:
     """The name ``build_reward(text).name`` has, without loading any weights (e.g. ``clip+aesthetic*0.5``)."""
-    specs = parse_reward_specs(text)
-    if len(specs) == 1 and specs[0].weight == 1.0:
-        return specs[0].name
-    return "+".join(s.name if s.weight == 1.0 else f"{s.name}*{s.weight:g}" for s in specs)
+    return weighted_name((spec.name, spec.weight) for spec in parse_reward_specs(text))
 
 
 def build_reward(text: str, device: str | torch.device = "cpu") -> Reward:
