@@ -20,8 +20,9 @@ class MLCMSampler(io.ComfyNode):
             description=(
                 "The MLCM sampler for SamplerCustom or SamplerCustomAdvanced; use it with the sigmas of "
                 "MLCM Segment Schedule and cfg 1.0. 'official' is the authors' update (predict the clean "
-                "image, then re-noise it to the next boundary with fresh noise; the same as ComfyUI's 'lcm' "
-                "sampler). 'deterministic' moves to the next boundary along the model's own noise estimate "
+                "image, then re-noise it to the next boundary with fresh noise; ComfyUI's 'lcm' sampler "
+                "computes the same update, but on the CPU its first re-noise repeats the starting noise, so "
+                "images of one seed differ). 'deterministic' moves to the next boundary along the model's own noise estimate "
                 "(DDIM, the Multistep Consistency Models sampler): the seed only sets the starting noise. "
                 "'blend' mixes the two: eta is the fraction of fresh noise."
             ),
