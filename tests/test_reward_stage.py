@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import TINY_PROMPTS as PROMPTS
-from tiny_models import make_tiny_sd15, make_tiny_sdxl
+from tiny_models import config_flags, make_tiny_sd15, make_tiny_sdxl
 from tiny_reward_models import make_tiny_clip
 
 from mlcm.lora import read_lora
@@ -116,18 +116,7 @@ def test_gradients_reach_only_the_lora(distilled, tmp_path):
 
 def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
     config = tiny_reward_config(distilled, tmp_path / "run", heldout="brightness", keep_best="heldout")
-    argv = []
-    for key, value in config.to_dict().items():
-        if value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            argv += [flag, ",".join(map(str, value))]
-        else:
-            argv += [flag, str(value)]
-    assert main(["reward", *argv]) == 0  # python -m mlcm_train reward ...
+    assert main(["reward", *config_flags(config)]) == 0  # python -m mlcm_train reward ...
     exported = tmp_path / "run" / "export" / "mlcm_sd15_8seg_reward.safetensors"
     lora = read_lora(exported)
     start = read_lora(distilled[3])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import TINY_PROMPTS as PROMPTS
-from tiny_models import make_tiny_single_file, single_file_config_dir
+from tiny_models import config_flags, make_tiny_single_file, single_file_config_dir
 
 from mlcm.lora import read_lora
 from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
@@ -42,18 +42,7 @@ def tiny_config(teacher, prompts, out, **changes) -> DistillConfig:
 
 
 def _flags(config: DistillConfig) -> list[str]:
-    argv = []
-    for key, value in config.to_dict().items():
-        if value is None or key in ("lora_targets",):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            argv += [flag, ",".join(map(str, value))]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return config_flags(config, skip=("lora_targets",))
 
 
 def _base_weights_unchanged(unet: torch.nn.Module, folder) -> None:

@@ -239,3 +239,19 @@ def make_tiny_single_file(directory: str | Path, family: str = "sd15") -> Path:
     path = folder.with_suffix(".safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def config_flags(config, skip: tuple[str, ...] = ()) -> list[str]:
+    """Command-line flags that reproduce a DistillConfig/RewardConfig (``--no-x`` for false booleans)."""
+    argv = []
+    for key, value in config.to_dict().items():
+        if value is None or key in skip:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    return argv
