@@ -9,7 +9,6 @@ lowvram offload, LoRA stacking and hooks behave as with the core loaders.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 
@@ -19,8 +18,7 @@ import comfy.supported_models
 import folder_paths
 from comfy_api.latest import io
 
-from ..mlcm.lora import LoraWeights, detect_family, read_lora, to_kohya_state_dict
-from ..mlcm.lora.read import PEFT_CONFIG_NAMES
+from ..mlcm.lora import LoraWeights, detect_family, locate_lora_files, read_lora, to_kohya_state_dict
 from .schedule import MODEL_OPTIONS_KEY
 
 logger = logging.getLogger(__name__)
@@ -35,18 +33,9 @@ _cache_lock = threading.Lock()
 
 
 def _fingerprint(path: str) -> tuple:
-    """Path, size and mtime of the LoRA file and the PEFT configs read_lora may take beside it."""
-    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
-    candidates = (
-        path,
-        *(os.path.join(folder, name) for name in (*PEFT_CONFIG_NAMES, f"{stem}_adapter_config.json")),
-    )
-    parts = []
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            stat = os.stat(candidate)
-            parts.append((candidate, stat.st_size, stat.st_mtime_ns))
-    return tuple(parts)
+    """Path, size and mtime of the files ``read_lora`` reads for ``path``: the weights and any PEFT config."""
+    files = [file for file in locate_lora_files(path) if file is not None]
+    return tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files)
 
 
 def read_lora_cached(path: str, alpha_override: float | None) -> LoraWeights:
