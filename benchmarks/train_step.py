@@ -1,4 +1,4 @@
-"""Per-training-step time split of `distill` on the tiny SD1.5-shaped teacher (issue 3 benchmark).
+"""Per-training-step time split of `distill` on the tiny SD1.5-shaped teacher .
 
 Prints a Markdown table: teacher trajectory / teacher target / student forward+backward / rest, the rest
 as a fraction of the step, peak memory, and samples/s with online vs pre-generated trajectories.
@@ -23,7 +23,7 @@ from tiny_models import make_tiny_sd15  # noqa: E402
 
 from mlcm_train.cli import main as cli_main  # noqa: E402
 from mlcm_train.config import DistillConfig  # noqa: E402
-from mlcm_train.train import train  # noqa: E402
+from mlcm_train.distill import train_distill  # noqa: E402
 
 PROMPTS = ["a red cat", "a dog", "the red dog", "a cat", "a red dog", "the cat"]
 CATEGORIES = (
@@ -40,7 +40,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run(config: DistillConfig) -> dict[str, float]:
-    result = train(config, profile=True)
+    result = train_distill(config, profile=True)
     timings = dict(result.timings)
     steps = timings.pop("steps")
     return {k: v / steps for k, v in timings.items()} | {"steps": steps}

@@ -8,4 +8,4 @@ from __future__ import annotations
 
 __all__ = ["DistillConfig"]
 
-from .config import DistillConfig
+from mlcm_train.config import DistillConfig

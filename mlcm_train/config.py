@@ -1,156 +1,180 @@
-"""The trainer's one configuration object: every choice of a `distill` run, with its default and source.
+"""The trainer's configuration: the parts every stage shares, composed by ``DistillConfig`` and ``RewardConfig``.
 
-The resolved config is written to the run directory, next to every checkpoint and into the exported
-LoRA's metadata; ``config_hash()`` names the recipe (fields that cannot change the weights, such as
-where logs go, are left out of the hash).
+One frozen dataclass per stage, with commented defaults (the published recipe unless marked "ours"; see
+docs/method.md). Each field carries its own help text and metavar in its metadata: the command line is
+generated from them, so a setting, its default and its documentation live in one place. The resolved config
+is written to the run directory, next to every checkpoint and into the exported LoRA's metadata;
+``config_hash()`` names the recipe (bookkeeping fields, which cannot change the weights, are left out).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 from mlcm.lora import TARGET_MODULE_PATTERNS
+from mlcm.segments import segment_boundaries
+from mlcm_train.method.settings import LOSS_TYPES, RENOISE_MODES, DistillSettings
 
-from .config_record import BOOKKEEPING, ConfigRecord, check_choice
-
-# The 14 UNet module patterns of the official MLCM/TLCM LoRA (MLCM_METHOD.md §4), defined once in mlcm.lora.
+# The 14 UNet module patterns of the official MLCM/TLCM LoRA (docs/method.md, "The LoRA"), defined in mlcm.lora.
 LORA_TARGET_MODULES = TARGET_MODULE_PATTERNS
-LOSS_TYPES = ("l2", "huber")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 EXPORT_FORMATS = ("kohya", "peft", "diffusers")
-RENOISE_MODES = ("same", "fresh")
+REWARD_LOSSES = ("hinge", "maximise")
+KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
+HELDOUT_FD = "fd"  # the held-out spec prefix that selects the demo's Frechet distance
+# T of the SD1.5/SDXL DDPM schedule, for checks made before the teacher is loaded; the losses re-check the
+# segment widths against the teacher's own schedule.
+TRAIN_TIMESTEPS = 1000
+
+
+def option(default: Any, help: str, metavar: str | None = None, *, bookkeeping: bool = False) -> Any:
+    """A config field with its flag's help text and metavar; ``bookkeeping`` fields stay out of the hash."""
+    metadata = {"help": help, "metavar": metavar, "bookkeeping": bookkeeping}
+    return field(default=default, metadata=metadata)
+
+
+C = TypeVar("C", bound="ConfigRecord")
+
+
+class ConfigRecord:
+    """JSON round trip, a recipe hash and checked choices for the frozen config dataclasses."""
+
+    _KIND: ClassVar[str] = "config"  # how errors name this kind of config
+    _KNOWN_BY: ClassVar[str] = "this trainer"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit hash of every field that can change the trained weights."""
+        recipe = {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("bookkeeping")
+        }
+        payload = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls._KIND} keys {unknown}; {cls._KNOWN_BY} knows {sorted(names)}")
+        return cls(**data)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """ValueError naming the allowed values when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_at_least(config: Any, minimum: int | float, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ValueError(f"{name}={getattr(config, name)} must be at least {minimum}")
+
+
+def _check_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name}={getattr(config, name)} must be positive")
 
 
 @dataclass(frozen=True)
-class DistillConfig(ConfigRecord):
-    """One `python -m mlcm_train distill` run (defaults: MLCM_METHOD.md §5 unless marked ours)."""
+class RunConfig(ConfigRecord):
+    """What every training stage shares: its inputs, the optimizer and the run directory."""
 
     # --- inputs ---
-    teacher: str = ""  # diffusers folder or single-file .safetensors checkpoint (SD1.5 or SDXL)
-    prompts: str = ""  # text file, one prompt a line, or a folder of caption .txt files
-    teacher_config: str | None = None  # diffusers folder describing a single-file teacher (default: shipped)
-    tokenizer_path: str | None = None  # local tokenizer folder for single-file teachers
-    comfyui_root: str | None = None  # ComfyUI installation to search for tokenizers/configs
-    resolution: int | None = None  # pixels; None = the teacher's native size (512 SD1.5, 1024 SDXL)
-    trajectories: str | None = None  # folder of pre-generated trajectory shards; None = online
-
-    # --- the method ---
-    segments: int = 8  # M, the paper's segment count
-    skip: int = 20  # t_n = t_m - skip (paper: 20; the parent method used 1)
-    guidance_scale: float = 8.0  # teacher CFG w, fixed (paper, SDXL)
-    loss_type: str = "l2"  # "l2" (paper) or "huber"
-    huber_c: float = 0.001  # Huber constant, LCM/diffusers convention
-    lpips_path: str | None = None  # optional latent-LPIPS weights (.safetensors); None = raw latents
-    stages: tuple[int, ...] = (1, 2)  # stage 1 (multistep LCD) then stage 2 (inter-segment)
-    progressive: tuple[int, ...] = ()  # rounds' segment counts, e.g. 8,4,2; replaces segments (ours)
-    stage1_steps: int = 12000  # optimizer steps of stage 1 (paper, SDXL)
-    stage2_steps: int = 2000  # optimizer steps of stage 2 (paper)
-    lr_stage1: float = 1e-4  # AdamW learning rate, stage 1 (paper)
-    lr_stage2: float = 1e-5  # AdamW learning rate, stage 2 (paper)
-    stage2_q: int = 4  # student steps that make stage 2's start sample (paper)
-    stage2_p: int = 3  # teacher CFG-DDIM sub-steps of stage 2's target (paper)
-    stage2_renoise: str = "same"  # forward-diffusion noise for stage 2 start states: "same" or "fresh"
-    ema_decay: float | None = None  # EMA of the LoRA weights as the target; None = online student (paper)
-
-    # --- LoRA ---
-    lora_rank: int = 64  # official rank
-    lora_alpha: float | None = None  # None = rank (scale 1.0); always recorded explicitly (ours)
-    lora_targets: tuple[str, ...] = LORA_TARGET_MODULES  # the official 14 UNet module patterns
-    init_lora: str | None = (
-        None  # start from this LoRA (kohya/PEFT/diffusers, same rank), e.g. a stage-1 run's
+    teacher: str = option(
+        "", "diffusers folder or single-file .safetensors checkpoint (SD1.5 or SDXL)", "PATH"
+    )
+    prompts: str = option("", "text file, one prompt a line, or a folder of caption .txt files", "PATH")
+    teacher_config: str | None = option(
+        None, "diffusers folder describing a single-file teacher (default: the shipped configs)", "PATH"
+    )
+    tokenizer_path: str | None = option(None, "local tokenizer folder for single-file teachers", "PATH")
+    comfyui_root: str | None = option(None, "ComfyUI installation to search for tokenizers", "PATH")
+    resolution: int | None = option(
+        None,
+        "image side in pixels; also SDXL's size conditioning (default: native, 512 SD1.5 / 1024 SDXL)",
+        "N",
     )
 
     # --- optimisation ---
-    batch_size: int = 4  # per device and per micro-step (ours: the paper does not state it)
-    gradient_accumulation: int = 1  # micro-steps per optimizer step
-    adam_beta1: float = 0.9  # AdamW (paper optimizer), torch defaults
-    adam_beta2: float = 0.999  # AdamW second-moment decay
-    adam_weight_decay: float = 0.0  # diffusers LCM-LoRA README value
-    adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # diffusers LCM scripts
-    mixed_precision: str = "auto"  # "auto" = bf16 on CUDA when supported, else fp32
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
-    seed: int = 0  # every random draw (LoRA init, prompts order, noise, timesteps) derives from it
-    nan_patience: int = 5  # stop after this many non-finite losses in a row (ours)
+    batch_size: int = option(4, "samples per device and micro-step (ours: the paper does not state it)", "N")
+    gradient_accumulation: int = option(1, "micro-steps per optimizer step", "N")
+    adam_beta1: float = option(0.9, "AdamW first-moment decay (torch default)", "F")
+    adam_beta2: float = option(0.999, "AdamW second-moment decay (torch default)", "F")
+    adam_weight_decay: float = option(0.0, "AdamW weight decay (diffusers LCM-LoRA value)", "F")
+    adam_eps: float = option(1e-8, "AdamW epsilon", "F")
+    max_grad_norm: float = option(1.0, "gradient-norm clip (diffusers LCM scripts)", "F")
+    mixed_precision: str = option(
+        "auto", "auto (bf16 on CUDA when supported, else fp32), no, fp16 or bf16", "{auto,no,fp16,bf16}"
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute UNet activations in backward: less memory, about 30% slower"
+    )
+    seed: int = option(
+        0, "every random draw (LoRA init, prompt order, noise, timesteps) derives from it", "N"
+    )
+    nan_patience: int = option(5, "stop after this many non-finite losses in a row (ours)", "N")
 
     # --- run directory and bookkeeping (not part of config_hash) ---
-    output_dir: str = field(default="runs/mlcm", metadata=BOOKKEEPING)  # the run directory
-    checkpoint_every: int = field(default=500, metadata=BOOKKEEPING)  # optimizer steps
-    checkpoints_keep: int = field(default=3, metadata=BOOKKEEPING)  # newest kept; 0 = keep all
-    log_every: int = field(default=10, metadata=BOOKKEEPING)  # steps between metrics.jsonl rows
-    tensorboard: bool = field(default=False, metadata=BOOKKEEPING)  # also log to <run>/tensorboard
-    sample_every: int = field(default=1000, metadata=BOOKKEEPING)  # 0 = no sample grids
-    sample_steps: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=BOOKKEEPING)  # > segments: skipped
-    sample_prompts: int = field(default=4, metadata=BOOKKEEPING)  # rows of each grid
-    export_formats: tuple[str, ...] = field(default=("kohya",), metadata=BOOKKEEPING)  # kohya/peft/diffusers
+    output_dir: str = option("runs/mlcm", "the run directory", "PATH", bookkeeping=True)
+    checkpoint_every: int = option(500, "optimizer steps between checkpoints", "N", bookkeeping=True)
+    checkpoints_keep: int = option(3, "newest checkpoints kept; 0 keeps all", "N", bookkeeping=True)
+    log_every: int = option(10, "optimizer steps between metrics.jsonl rows", "N", bookkeeping=True)
+    tensorboard: bool = option(False, "also log to <run>/tensorboard", bookkeeping=True)
+    sample_every: int = option(
+        1000, "optimizer steps between sample grids in <run>/samples; 0 = none", "N", bookkeeping=True
+    )
+    sample_steps: tuple[int, ...] = option(
+        (1, 2, 4, 8),
+        "step counts of the grids' columns (those above the segments are skipped)",
+        "LIST",
+        bookkeeping=True,
+    )
+    sample_prompts: int = option(4, "rows (prompts) of each sample grid", "N", bookkeeping=True)
+    export_formats: tuple[str, ...] = option(
+        ("kohya",), "files written at the end: kohya, peft, diffusers (comma list)", "LIST", bookkeeping=True
+    )
 
     def __post_init__(self) -> None:
-        if self.lora_alpha is None:
-            # Frozen dataclass: resolve the default once here so alpha is explicit everywhere after.
-            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
-        for name in ("stages", "progressive", "lora_targets", "sample_steps", "export_formats"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         self._validate()
 
     def _validate(self) -> None:
-        positive = (
-            "segments",
-            "skip",
-            "stage1_steps",
-            "stage2_steps",
-            "stage2_q",
-            "stage2_p",
-            "lora_rank",
-            "batch_size",
-            "gradient_accumulation",
-            "nan_patience",
-            "checkpoint_every",
-            "log_every",
-            "sample_prompts",
+        _check_at_least(
+            self, 1, ("batch_size", "gradient_accumulation", "nan_patience", "checkpoint_every", "log_every")
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("lr_stage1", "lr_stage2", "lora_alpha", "huber_c", "adam_eps", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_at_least(self, 1, ("sample_prompts",))
+        _check_positive(self, ("adam_eps", "max_grad_norm"))
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        check_choice("stage2_renoise", self.stage2_renoise, RENOISE_MODES)
-        if (
-            not self.stages
-            or any(s not in (1, 2) for s in self.stages)
-            or list(self.stages) != sorted(set(self.stages))
-        ):
-            raise ValueError(f"stages={self.stages} must be 1, 2 or 1,2 (in that order)")
-        rounds = self.progressive or (self.segments,)
-        if list(rounds) != sorted(set(rounds), reverse=True) or rounds[-1] < 1:
-            raise ValueError(
-                f"progressive={self.progressive} must be strictly decreasing segment counts, e.g. 8,4,2"
-            )
-        for segments in rounds:
-            # Each segment must hold t_m in [lo + skip, hi], so it must be wider than skip.
-            width = 999 // segments
-            if width <= self.skip:
-                raise ValueError(
-                    f"segments={segments} gives segments {width} timesteps wide, not wider than skip={self.skip}; "
-                    "use fewer segments or a smaller skip"
-                )
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1), or unset for no EMA")
         if not 0.0 <= self.adam_weight_decay < 1.0:
             raise ValueError(f"adam_weight_decay={self.adam_weight_decay} must be in [0, 1)")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if not self.lora_targets:
-            raise ValueError("lora_targets is empty; give at least one module pattern such as to_q")
-        if not self.sample_steps or any(steps < 1 for steps in self.sample_steps):
-            raise ValueError(
-                f"sample_steps={self.sample_steps} must be step counts of at least 1, e.g. 1,2,4,8"
-            )
         for fmt in self.export_formats:
             check_choice("export_formats", fmt, EXPORT_FORMATS)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -161,6 +185,99 @@ class DistillConfig(ConfigRecord):
             raise ValueError(
                 "checkpoints_keep and sample_every must be 0 or more (0 = keep all / no samples)"
             )
+        if not self.sample_steps or any(steps < 1 for steps in self.sample_steps):
+            raise ValueError(
+                f"sample_steps={self.sample_steps} must be step counts of at least 1, e.g. 1,2,4,8"
+            )
+
+
+@dataclass(frozen=True)
+class DistillConfig(RunConfig):
+    """One `python -m mlcm_train distill` run: stage 1 and stage 2 of docs/method.md."""
+
+    trajectories: str | None = option(
+        None, "folder of pre-generated trajectory shards for stage 1 (default: online)", "PATH"
+    )
+
+    # --- the method ---
+    segments: int = option(8, "M, the paper's segment count", "N")
+    skip: int = option(20, "t_n = t_m - skip (paper: 20; the parent method used 1)", "N")
+    guidance_scale: float = option(8.0, "teacher CFG w, fixed and baked into the student (paper, SDXL)", "F")
+    loss_type: str = option("l2", "l2 (paper) or huber", "{l2,huber}")
+    huber_c: float = option(0.001, "Huber constant (LCM/diffusers convention)", "F")
+    lpips_path: str | None = option(
+        None, "latent-LPIPS weights (.safetensors) for the loss (default: raw latents)", "PATH"
+    )
+    stages: tuple[int, ...] = option((1, 2), "1 (multistep LCD), 2 (inter-segment) or 1,2", "LIST")
+    progressive: tuple[int, ...] = option(
+        (), "segment counts of successive rounds, e.g. 8,4,2; replaces --segments (ours)", "LIST"
+    )
+    stage1_steps: int = option(12000, "optimizer steps of stage 1 (paper, SDXL)", "N")
+    stage2_steps: int = option(2000, "optimizer steps of stage 2 (paper)", "N")
+    lr_stage1: float = option(1e-4, "AdamW learning rate of stage 1 (paper)", "F")
+    lr_stage2: float = option(1e-5, "AdamW learning rate of stage 2 (paper)", "F")
+    stage2_q: int = option(4, "student steps that make stage 2's start sample (paper)", "N")
+    stage2_p: int = option(3, "teacher CFG-DDIM sub-steps of stage 2's target (paper)", "N")
+    stage2_renoise: str = option(
+        "same", "stage-2 forward-diffusion noise: the starting noise again, or fresh draws", "{same,fresh}"
+    )
+    ema_decay: float | None = option(
+        None, "EMA of the LoRA weights as the target (default: the online student, as the paper)", "F"
+    )
+
+    # --- LoRA ---
+    lora_rank: int = option(64, "LoRA rank (official: 64)", "N")
+    lora_alpha: float | None = option(
+        None, "LoRA alpha; scale = alpha / rank (default: rank, scale 1.0; the official release: 8)", "F"
+    )
+    lora_targets: tuple[str, ...] = option(
+        LORA_TARGET_MODULES, "UNet module patterns (the official 14)", "LIST"
+    )
+    init_lora: str | None = option(
+        None,
+        "start from this LoRA (kohya, PEFT or diffusers file of the same rank), e.g. a stage-1 export",
+        "PATH",
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha is None:
+            # Frozen dataclass: resolve the default once here so alpha is explicit everywhere after.
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_at_least(self, 1, ("segments", "skip", "stage1_steps", "stage2_steps", "stage2_q", "stage2_p"))
+        _check_at_least(self, 1, ("lora_rank",))
+        _check_positive(self, ("lr_stage1", "lr_stage2", "lora_alpha", "huber_c"))
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("stage2_renoise", self.stage2_renoise, RENOISE_MODES)
+        if (
+            not self.stages
+            or any(s not in (1, 2) for s in self.stages)
+            or list(self.stages) != sorted(set(self.stages))
+        ):
+            raise ValueError(f"stages={self.stages} must be 1, 2 or 1,2 (in that order)")
+        rounds = self.rounds
+        if list(rounds) != sorted(set(rounds), reverse=True) or rounds[-1] < 1:
+            raise ValueError(
+                f"progressive={self.progressive} must be strictly decreasing segment counts, e.g. 8,4,2"
+            )
+        for segments in rounds:
+            # Each segment must hold t_m in [lo + skip, hi], so it must be wider than skip.
+            edges = segment_boundaries(segments, TRAIN_TIMESTEPS)
+            width = min(hi - lo for hi, lo in zip(edges, edges[1:]))
+            if width <= self.skip:
+                raise ValueError(
+                    f"segments={segments} gives segments {width} timesteps wide, not wider than skip={self.skip}; "
+                    "use fewer segments or a smaller skip"
+                )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in (0, 1), or unset for no EMA")
+        if not self.lora_targets:
+            raise ValueError("lora_targets is empty; give at least one module pattern such as to_q")
 
     @property
     def rounds(self) -> tuple[int, ...]:
@@ -180,3 +297,128 @@ class DistillConfig(ConfigRecord):
 
     def phase_lr(self, stage: int) -> float:
         return self.lr_stage1 if stage == 1 else self.lr_stage2
+
+    def settings(self, segments: int, num_train_timesteps: int) -> DistillSettings:
+        """The method values the losses take, for one round's segment count and the teacher's T."""
+        return DistillSettings(
+            segments=segments,
+            skip=self.skip,
+            guidance_scale=self.guidance_scale,
+            loss_type=self.loss_type,
+            huber_c=self.huber_c,
+            num_train_timesteps=num_train_timesteps,
+        )
+
+
+@dataclass(frozen=True)
+class RewardConfig(RunConfig):
+    """One `python -m mlcm_train reward` run: preference tuning of a distilled LoRA (docs/method.md)."""
+
+    _KIND: ClassVar[str] = "reward config"
+    _KNOWN_BY: ClassVar[str] = "the reward stage"
+
+    lora: str = option(
+        "",
+        "the distilled LoRA: a `distill` export (file or PEFT folder), checkpoint or run directory",
+        "PATH",
+    )
+
+    # --- the reward ---
+    reward: str = option(
+        "", "NAME[*WEIGHT][=PATH], comma-separated for a weighted sum, e.g. hpsv2=/models/hps", "SPEC"
+    )
+    loss: str = option(
+        "hinge", "hinge (MPS-style, paper) or maximise (plain -score, DRaFT/AlignProp)", "{hinge,maximise}"
+    )
+    margin: float = option(16.0, "hinge margin on the positive score (paper, with the MPS scorer)", "F")
+    reward_weight: float = option(1.0, "multiplier of the reward loss (ReFL uses 1e-3)", "F")
+    student_steps: tuple[int, ...] = option(
+        (4,), "student step counts, one drawn per iteration (ours; paper q=4)", "LIST"
+    )
+    grad_steps: int = option(1, "the last K sampling steps carry gradients (DRaFT-K; 1 is ReFL-style)", "N")
+    segments: int | None = option(None, "segment count (default: the LoRA's metadata, else 8)", "N")
+    vae_checkpointing: bool = option(True, "gradient-checkpoint the VAE decoder (less memory, same values)")
+
+    # --- the anchor: a consistency term that keeps the distillation ---
+    anchor_weight: float = option(
+        1.0, "weight of the stage-2 loss against the frozen teacher as an anchor; 0 = off", "F"
+    )
+    guidance_scale: float | None = option(
+        None, "teacher CFG of the anchor (default: the LoRA's training value, else 8)", "F"
+    )
+    anchor_q: int = option(4, "student steps of the anchor's start sample (stage 2 q, paper)", "N")
+    anchor_p: int = option(3, "teacher sub-steps of the anchor's target (stage 2 p, paper)", "N")
+
+    # --- optimisation (the shared fields above, with the reward stage's defaults) ---
+    iterations: int = option(500, "optimizer steps (paper)", "N")
+    batch_size: int = option(8, "samples per device and micro-step (paper: 8)", "N")
+    lr: float = option(1e-5, "AdamW learning rate (paper)", "F")
+
+    # --- guarding against reward hacking ---
+    heldout: str | None = option(
+        None, "a second reward spec, or fd=<demo classifier folder> (default: no held-out measure)", "SPEC"
+    )
+    heldout_prompts: str | None = option(
+        None, "prompts of the evaluation set (default: the training prompts)", "PATH"
+    )
+    eval_every: int = option(
+        50, "optimizer steps between evaluations (also one before training and one at the end)", "N"
+    )
+    eval_samples: int = option(16, "images per evaluation and step count (fixed prompts and seeds)", "N")
+    eval_steps: tuple[int, ...] = option(
+        (), "student step counts evaluated (default: --student-steps)", "LIST"
+    )
+    keep_best: str = option(
+        "guarded",
+        "exported LoRA: guarded (best reward whose held-out measure stays within the tolerance), "
+        "heldout, reward or last",
+        "{guarded,heldout,reward,last}",
+    )
+    heldout_tolerance: float = option(
+        0.1, "guarded: how much worse than at the start the held-out measure may get (0.1 = 10%)", "F"
+    )
+
+    output_dir: str = option("runs/mlcm_reward", "the run directory", "PATH", bookkeeping=True)
+    checkpoint_every: int = option(100, "optimizer steps between checkpoints", "N", bookkeeping=True)
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_at_least(self, 1, ("grad_steps", "anchor_q", "anchor_p", "iterations", "eval_every"))
+        _check_at_least(self, 1, ("eval_samples",))
+        _check_positive(self, ("lr",))
+        _check_at_least(self, 0, ("anchor_weight", "reward_weight"))
+        check_choice("loss", self.loss, REWARD_LOSSES)
+        check_choice("keep_best", self.keep_best, KEEP_BEST_RULES)
+        if not self.student_steps or any(s < 1 for s in self.student_steps):
+            raise ValueError(
+                f"student_steps={self.student_steps} must be step counts of at least 1, e.g. 2,4"
+            )
+        if any(s < 1 for s in self.eval_steps):
+            raise ValueError(f"eval_steps={self.eval_steps} must be step counts of at least 1")
+        if self.segments is not None:
+            too_many = [s for s in (*self.student_steps, *self.eval_steps) if s > self.segments]
+            if too_many:
+                raise ValueError(
+                    f"step counts {too_many} exceed segments={self.segments}; use at most {self.segments} steps"
+                )
+        if self.loss == "hinge" and self.batch_size < 2:
+            raise ValueError(
+                "loss='hinge' scores each image against another prompt of its batch; use batch_size >= 2 "
+                "or loss='maximise'"
+            )
+        if self.keep_best in ("guarded", "heldout") and self.heldout is None:
+            raise ValueError(
+                f"keep_best={self.keep_best!r} needs a held-out measure; pass --heldout (a second reward or "
+                "fd=<demo classifier folder>) or --keep-best reward|last"
+            )
+        if self.heldout_tolerance < 0:
+            raise ValueError(
+                f"heldout_tolerance={self.heldout_tolerance} must be 0 or more (0.1 = 10% worse)"
+            )
+        if self.guidance_scale is not None and self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
+
+    @property
+    def evaluated_steps(self) -> tuple[int, ...]:
+        """The step counts every evaluation samples at."""
+        return self.eval_steps or tuple(sorted(set(self.student_steps)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcm_train import checkpoint as ckpt
-from mlcm_train.checkpoint import (
+from mlcm_train.run import checkpoint as ckpt
+from mlcm_train.run.checkpoint import (
     CheckpointError,
     TrainState,
     capture_rng,

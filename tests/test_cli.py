@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -127,3 +128,40 @@ def test_progressive_rounds_plan_phases():
 def test_unknown_config_key():
     with pytest.raises(ValueError, match="unknown config keys"):
         DistillConfig.from_dict({"teacher": "t", "segmets": 4})
+
+
+def _subcommands():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices
+
+
+def test_every_flag_of_every_subcommand_has_help_and_says_what_it_takes():
+    """Help text is non-empty, and a flag that takes a value names what: PATH, N, F, LIST, SPEC, NAME or a choice."""
+    kinds = {"PATH", "N", "F", "LIST", "SPEC", "NAME", "OUT"}
+    no_value = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+    problems = []
+    for name, sub in _subcommands().items():
+        assert name in {"distill", "trajectories", "export", "reward", "demo", "eval"}
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            text = (action.help or "").replace("(default: ", "").strip(" )")
+            if len(text) < 8:
+                problems.append(f"{flag}: no help")
+            if isinstance(action, no_value):
+                continue
+            metavar = action.metavar or ""
+            choice = metavar.startswith("{") and metavar.endswith("}")
+            if metavar not in kinds and not choice:
+                problems.append(f"{flag}: metavar {metavar!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_help_never_names_issues_or_files_outside_the_repository(capsys):
+    for name in _subcommands():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "issue" not in text.lower() and "MLCM_METHOD" not in text, name

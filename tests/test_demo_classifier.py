@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcm_train.demo import data
-from mlcm_train.demo.classifier import REWARD_TEMPERATURE, classifier_reward, load_classifier, predict
+from mlcm_train.data import digits as data
 from mlcm_train.demo.run import ASSET_DIR
-from mlcm_train.eval.demo_metrics import DemoEvaluator
+from mlcm_train.eval.digits import (
+    REWARD_TEMPERATURE,
+    DemoEvaluator,
+    classifier_reward,
+    load_classifier,
+    predict,
+)
 
 HELDOUT_ACCURACY = 0.9  # digits and colours of the held-out split (measured: see the shipped config)
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from mlcm_train.demo import data
+from mlcm_train.data import digits as data
 from mlcm_train.demo.vocab import CONTEXT_LENGTH, WORDS, bpe, build_merges, write_tokenizer
 
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 
-from mlcm_train.demo.cli import add_demo_subparser, add_eval_subparser
+from mlcm_train.cli import build_parser
 from mlcm_train.demo.run import ASSET_DIR, DemoSettings, run_demo
 
 
 def test_demo_and_eval_subcommands_parse():
-    parser = argparse.ArgumentParser()
-    commands = parser.add_subparsers(dest="command")
-    add_demo_subparser(commands)
-    add_eval_subparser(commands)
+    parser = build_parser()
     args = parser.parse_args(["demo", "--quick", "--out", "x", "--samples", "12"])
     assert args.quick and args.samples == 12 and callable(args.run)
     assert args.reward and parser.parse_args(["demo", "--no-reward"]).reward is False
@@ -25,7 +21,7 @@ def test_demo_and_eval_subcommands_parse():
 
 
 def test_shipped_teacher_loads_like_any_sd_folder():
-    from mlcm_train.teacher import load_teacher
+    from mlcm_train.models.teacher import load_teacher
 
     teacher = load_teacher(ASSET_DIR)
     assert teacher.family == "sd15" and teacher.resolution == 32
@@ -73,7 +69,7 @@ def test_reduced_demo_end_to_end(tmp_path):
 
 
 def test_eval_scores_the_demo_teacher_from_a_prompt_file(tmp_path):
-    from mlcm_train.demo import data
+    from mlcm_train.data import digits as data
     from mlcm_train.eval.evaluate import EvalRequest, evaluate
 
     prompts = tmp_path / "prompts.txt"

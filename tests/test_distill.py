@@ -14,18 +14,11 @@ import torch
 
 from mlcm.segments import scaled_linear_alphas_cumprod, segment_boundaries
 from mlcm.vp import add_noise, ddim_to, x0_from_eps
-from mlcm_train.cond_batch import cat_cond, select_cond
-from mlcm_train.distill import (
-    DistillSettings,
-    cfg_eps,
-    consistency_distance,
-    mds_states,
-    sample_stage1_timesteps,
-    stage1_loss,
-    stage2_loss,
-    stage2_student_timesteps,
-    stage2_timesteps,
-)
+from mlcm_train.method.cond_batch import cat_cond, select_cond
+from mlcm_train.method.consistency import consistency_distance, stage1_loss, stage2_loss
+from mlcm_train.method.settings import DistillSettings
+from mlcm_train.method.teacher_ddim import cfg_eps, mds_states
+from mlcm_train.method.timesteps import sample_stage1_timesteps, stage2_student_timesteps, stage2_timesteps
 
 ACP = scaled_linear_alphas_cumprod()
 BOUNDARIES = segment_boundaries(8)

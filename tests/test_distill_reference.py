@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from mlcm.segments import scaled_linear_alphas_cumprod, segment_boundaries
-from mlcm_train.distill import DistillSettings, mds_states, sample_stage1_timesteps, stage1_loss, stage2_loss
+from mlcm_train.method.consistency import stage1_loss, stage2_loss
+from mlcm_train.method.settings import DistillSettings
+from mlcm_train.method.teacher_ddim import mds_states
+from mlcm_train.method.timesteps import sample_stage1_timesteps
 
 ACP = scaled_linear_alphas_cumprod()
 M = 8

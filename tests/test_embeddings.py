@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import make_tiny_sd15, make_tiny_sdxl
 
-from mlcm_train.embeddings import EmbeddingCache
-from mlcm_train.teacher import load_teacher
+from mlcm_train.models.embeddings import EmbeddingCache
+from mlcm_train.models.teacher import load_teacher
 
 PROMPTS = ["a cat", "a dog", "a cat", "the red dog", "a dog", "a cat", "at the door"]
 

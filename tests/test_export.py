@@ -9,10 +9,10 @@ import torch
 from tiny_models import build_tiny_sd15
 
 from mlcm.lora import kohya_name, read_lora
-from mlcm_train.checkpoint import TrainState
 from mlcm_train.config import LORA_TARGET_MODULES, DistillConfig
-from mlcm_train.export import export_lora
-from mlcm_train.student import adapters_disabled, attach_lora, lora_parameters, lora_state_dict
+from mlcm_train.distill import export_distilled
+from mlcm_train.models.student import adapters_disabled, attach_lora, lora_parameters, lora_state_dict
+from mlcm_train.run.checkpoint import TrainState
 
 RANK, ALPHA = 4, 2.0  # alpha != rank on purpose: scale 0.5 must survive every format
 
@@ -49,7 +49,7 @@ def _peft_deltas(base: torch.nn.Module, unet: torch.nn.Module) -> dict[str, torc
 
 def test_kohya_export_reads_back_with_trained_scale_and_metadata(trained, tmp_path):
     _, base, unet, config, state = trained
-    (path,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
+    (path,) = export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
     lora = read_lora(path)
     deltas = _peft_deltas(base, unet)
     assert set(lora.modules) == {kohya_name(name) for name in deltas}
@@ -66,7 +66,7 @@ def test_kohya_export_reads_back_with_trained_scale_and_metadata(trained, tmp_pa
 
 def test_peft_folder_export_reads_back(trained, tmp_path):
     _, base, unet, config, state = trained
-    (folder,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["peft"])
+    (folder,) = export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["peft"])
     lora = read_lora(folder)
     for name, delta in _peft_deltas(base, unet).items():
         torch.testing.assert_close(lora.modules[kohya_name(name)].delta(), delta, atol=1e-6, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_diffusers_file_loads_in_load_lora_weights_at_trained_scale(trained, tmp
     from diffusers import StableDiffusionPipeline
 
     pipe, _, unet, config, state = trained
-    (path,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["diffusers"])
+    (path,) = export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["diffusers"])
     fresh = build_tiny_sd15()
     assert isinstance(fresh, StableDiffusionPipeline)
     fresh.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -122,15 +122,15 @@ def test_lora_stays_fp32_over_bf16_base():
 def test_bad_export_format_is_rejected(trained, tmp_path):
     _, _, unet, config, state = trained
     with pytest.raises(ValueError, match="unknown"):
-        export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["ckpt"])
+        export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["ckpt"])
 
 
 def test_init_from_exported_lora_reproduces_the_student(trained, tmp_path):
     """--init-lora: a kohya export loaded into a fresh adapter (other alpha) gives the same UNet outputs."""
-    from mlcm_train.student import load_lora_file
+    from mlcm_train.models.student import load_lora_file
 
     _, _, unet, config, state = trained
-    (path,) = export_lora(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
+    (path,) = export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
     fresh = build_tiny_sd15().unet
     attach_lora(fresh, rank=RANK, alpha=float(RANK), targets=LORA_TARGET_MODULES)  # scale 1, not 0.5
     assert load_lora_file(fresh, str(path), rank=RANK, alpha=float(RANK)) == len(read_lora(path).modules)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlcm_train.distill import consistency_distance
-from mlcm_train.lpips import TAP_CHANNELS, LatentLPIPS, load_latent_lpips
+from mlcm_train.method.consistency import consistency_distance
+from mlcm_train.models.lpips import TAP_CHANNELS, LatentLPIPS, load_latent_lpips
 
 VGG16_LATENT_PARAMS = 14_716_736  # the released latent-lpips.pth is 58.9 MB of fp32 (mlcm_paper.md §3.5)
 
@@ -47,7 +47,7 @@ def test_partial_pickle_reports_missing_and_unexpected_keys(tmp_path, reference,
     partial = {k: v for k, v in state.items() if not k.startswith("lin")}
     partial["module.extra.weight"] = torch.zeros(3)
     torch.save({"state_dict": partial}, tmp_path / "partial.pth")
-    with caplog.at_level(logging.WARNING, logger="mlcm_train.lpips"):
+    with caplog.at_level(logging.WARNING, logger="mlcm_train.models.lpips"):
         _, report = load_latent_lpips(tmp_path / "partial.pth")
     assert report.missing == [f"lin{k}.model.1.weight" for k in range(5)]
     assert report.unexpected == ["module.extra.weight"]

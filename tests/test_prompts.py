@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlcm_train.prompts import read_prompts
+from mlcm_train.data.prompts import read_prompts
 
 
 def test_text_file_one_prompt_per_line_skipping_blanks_and_comments(tmp_path):

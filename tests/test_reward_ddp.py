@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_sd15
 
 from mlcm_train.config import DistillConfig
-from mlcm_train.train import train
+from mlcm_train.distill import train_distill
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def _reward(args: list[str], processes: int, cwd, port: int) -> subprocess.Compl
     launcher = [] if processes == 1 else [
         "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
     ]  # fmt: skip
-    cmd = [sys.executable, *launcher, "-m", "mlcm_train.reward_cli", *args]
+    cmd = [sys.executable, *launcher, "-m", "mlcm_train", "reward", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -32,7 +32,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     teacher = make_tiny_sd15(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na dog\nthe red dog\na cat\n", encoding="utf-8")
-    distilled = train(
+    distilled = train_distill(
         DistillConfig(
             teacher=str(teacher),
             prompts=str(prompts),

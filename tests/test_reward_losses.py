@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcm_train.reward import WeightedReward, hinge_loss, maximise_loss, reward_loss, rolled_prompts
+from mlcm_train.config import RewardConfig
+from mlcm_train.method.reward_loss import hinge_loss, maximise_loss, reward_loss, rolled_prompts
+from mlcm_train.reward.interface import WeightedReward
 from mlcm_train.reward.models import BrightnessReward, parse_reward_specs
-from mlcm_train.reward_config import RewardConfig
 
 
 class PromptLengthReward:
@@ -100,7 +101,7 @@ def test_config_defaults_and_validation():
 
 
 def test_demo_reward_recipe():
-    from mlcm_train.reward.demo_recipe import demo_reward_config
+    from mlcm_train.demo.recipe import demo_reward_config
 
     config = demo_reward_config("assets/demo", "p.txt", "lora.safetensors", "out", iterations=10)
     assert config.reward == "classifier=assets/demo" and config.heldout == "fd=assets/demo"

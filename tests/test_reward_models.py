@@ -107,13 +107,9 @@ def test_aesthetic_reward_head_and_clip_subfolder(tmp_path, clip_folder):
 
 
 def test_classifier_reward_is_the_demo_log_probability(tmp_path):
-    from mlcm_train.demo import data
-    from mlcm_train.demo.classifier import (
-        ClassifierRecipe,
-        DigitClassifier,
-        classifier_reward,
-        save_classifier,
-    )
+    from mlcm_train.data import digits as data
+    from mlcm_train.demo.classifier_train import ClassifierRecipe, save_classifier
+    from mlcm_train.eval.digits import DigitClassifier, classifier_reward
 
     recipe = ClassifierRecipe(channels=(4, 4, 4), features=8)
     with torch.random.fork_rng(devices=[]):

@@ -15,22 +15,20 @@ from tiny_reward_models import make_tiny_clip
 
 from mlcm.lora import read_lora
 from mlcm.segments import segment_timesteps
-from mlcm_train.checkpoint import TrainState
 from mlcm_train.cli import main
-from mlcm_train.config import DistillConfig
+from mlcm_train.config import DistillConfig, RewardConfig
+from mlcm_train.distill import export_distilled, train_distill
 from mlcm_train.eval.weights import MissingWeightsError
-from mlcm_train.export import export_lora
+from mlcm_train.method.reward_loss import reward_loss
+from mlcm_train.method.rollout import student_rollout
+from mlcm_train.models.student import attach_lora, lora_state_dict
+from mlcm_train.models.teacher import load_teacher
+from mlcm_train.models.vae import decode_latents
 from mlcm_train.reward.guard import HeldOut, RewardGuard
-from mlcm_train.reward.losses import reward_loss
 from mlcm_train.reward.models import build_reward
-from mlcm_train.reward.rollout import decode_latents, student_rollout
 from mlcm_train.reward.stage import train_reward
 from mlcm_train.reward.start import attach_start_lora, read_start_lora
-from mlcm_train.reward_cli import reward_main
-from mlcm_train.reward_config import RewardConfig
-from mlcm_train.student import attach_lora, lora_state_dict
-from mlcm_train.teacher import load_teacher
-from mlcm_train.train import train
+from mlcm_train.run.checkpoint import TrainState
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +38,7 @@ def distilled(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text(PROMPTS, encoding="utf-8")
     teacher = make_tiny_sd15(root)
-    result = train(
+    result = train_distill(
         DistillConfig(
             teacher=str(teacher),
             prompts=str(prompts),
@@ -99,7 +97,7 @@ def test_gradients_reach_only_the_lora(distilled, tmp_path):
     x0 = student_rollout(
         eps, noise, renoise, cond, timesteps=segment_timesteps(2, 8), alphas_cumprod=teacher.alphas_cumprod
     )
-    images = decode_latents(teacher.vae, x0, teacher.scaling_factor)
+    images = decode_latents(teacher.vae, x0)
     loss, _ = reward_loss(reward, images, prompts, loss="hinge", margin=16.0)
     loss.backward()
     lora_ids = {id(p) for p in params}
@@ -211,8 +209,9 @@ def test_missing_reward_weights_fail_before_the_teacher_loads(distilled, tmp_pat
     with pytest.raises(MissingWeightsError, match="does not exist"):
         train_reward(config)
     assert (
-        reward_main(
+        main(
             [
+                "reward",
                 "--teacher",
                 str(distilled[0]),
                 "--prompts",
@@ -235,7 +234,9 @@ def test_a_lora_for_another_family_is_refused(distilled, tmp_path):
     sdxl = load_teacher(make_tiny_sdxl(tmp_path))
     attach_lora(sdxl.unet, rank=4, alpha=4.0, targets=DistillConfig().lora_targets)
     state = TrainState(2, 1, 0, 0, "sdxl", 4)
-    written = export_lora(lora_state_dict(sdxl.unet), DistillConfig(lora_rank=4), state, tmp_path / "sdxl")
+    written = export_distilled(
+        lora_state_dict(sdxl.unet), DistillConfig(lora_rank=4), state, tmp_path / "sdxl"
+    )
     config = tiny_reward_config(distilled, tmp_path / "run", lora=str(written[0]))
     with pytest.raises(ValueError, match="trained for sdxl but the teacher is sd15"):
         train_reward(config)
@@ -299,8 +300,9 @@ def test_guarded_rule_takes_the_best_reward_within_the_heldout_tolerance(tmp_pat
 
 
 def test_heldout_measures_and_their_direction(tmp_path):
-    from mlcm_train.demo import data
-    from mlcm_train.demo.classifier import ClassifierRecipe, DigitClassifier, save_classifier
+    from mlcm_train.data import digits as data
+    from mlcm_train.demo.classifier_train import ClassifierRecipe, save_classifier
+    from mlcm_train.eval.digits import DigitClassifier
     from mlcm_train.reward.guard import build_heldout
 
     recipe = ClassifierRecipe(channels=(4, 4, 4), features=8)
@@ -332,7 +334,7 @@ def test_dry_run_prints_the_resolved_config(distilled, tmp_path, capsys):
         "--reward",
         "brightness",
     ]
-    assert reward_main([*argv, "--keep-best", "reward", "--student-steps", "2,4", "--dry-run"]) == 0
+    assert main(["reward", *argv, "--keep-best", "reward", "--student-steps", "2,4", "--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["student_steps"] == [2, 4] and printed["margin"] == 16.0 and printed["lr"] == 1e-5
     assert not (tmp_path / "runs").exists()
@@ -351,7 +353,7 @@ def test_sdxl_teacher_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS, encoding="utf-8")
     teacher = make_tiny_sdxl(tmp_path)
-    distill = train(
+    distill = train_distill(
         DistillConfig(
             teacher=str(teacher),
             prompts=str(prompts),

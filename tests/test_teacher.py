@@ -10,9 +10,9 @@ import pytest
 import torch
 from tiny_models import build_tiny_sd15, make_tiny_single_file, make_tiny_tokenizer, single_file_config_dir
 
-from mlcm_train import single_file
-from mlcm_train.teacher import alphas_cumprod_from_config, load_teacher
-from mlcm_train.tokenizer_search import find_comfyui_root, find_tokenizers, load_tokenizers
+from mlcm_train.models import single_file
+from mlcm_train.models.teacher import alphas_cumprod_from_config, load_teacher
+from mlcm_train.models.tokenizers import find_comfyui_root, find_tokenizers, load_tokenizers
 
 FAMILIES = ("sd15", "sdxl")
 PROMPTS = ["a cat", "the red dog at the door", ""]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcm_train.conditioning import Conditioning
+from mlcm_train.models.conditioning import Conditioning
 
 
 def _sdxl(batch: int, offset: float = 0.0) -> Conditioning:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ldm_writers
 import pytest
 import torch
 
-from mlcm_train import checkpoint_convert as cc
-from mlcm_train.single_file import SHIPPED_CONFIGS, config_folder
-from mlcm_train.teacher import _scheduler_config, alphas_cumprod_from_config
+from mlcm_train.models import ldm_keys as cc
+from mlcm_train.models.single_file import SHIPPED_CONFIGS, config_folder
+from mlcm_train.models.teacher import _scheduler_config, alphas_cumprod_from_config
 
 # Published parameter counts of the SD1.5 / SDXL-base components.
 PARAMETERS = {
@@ -72,26 +73,26 @@ def test_shipped_configs_have_published_sizes_and_ldm_layout(family):
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in components.items()}
     assert counts == PARAMETERS[family]
     unet = components["unet"]
-    ldm = cc.unet_to_ldm(unet.state_dict(), unet.config)
+    ldm = ldm_writers.unet_to_ldm(unet.state_dict(), unet.config)
     assert len(ldm) == LDM_UNET_TENSORS[family]
     for key in GOLDEN_UNET_KEYS[family]:
         assert cc.UNET_PREFIX + key in ldm
     # The mapping is invertible: reading those keys back gives every diffusers key.
     assert cc.unet_from_ldm(ldm, list(unet.state_dict()), unet.config).keys() == unet.state_dict().keys()
     vae = components["vae"]
-    vae_ldm = cc.vae_to_ldm(vae.state_dict(), vae.config)
+    vae_ldm = ldm_writers.vae_to_ldm(vae.state_dict(), vae.config)
     assert len(vae_ldm) == LDM_VAE_TENSORS
     assert vae_ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     assert "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight" in vae_ldm
     if family == "sdxl":
-        clip_g = cc.open_clip_to_ldm(components["text_encoder_2"].state_dict())
+        clip_g = ldm_writers.open_clip_to_ldm(components["text_encoder_2"].state_dict())
         assert clip_g[cc.SDXL_CLIP_G_PREFIX + "transformer.resblocks.31.attn.in_proj_weight"].shape == (
             3840,
             1280,
         )
         assert clip_g[cc.SDXL_CLIP_G_PREFIX + "text_projection"].shape == (1280, 1280)
         assert cc.SDXL_CLIP_G_PREFIX + "positional_embedding" in clip_g
-    text = cc.clip_to_ldm(components["text_encoder"].state_dict(), "p.")
+    text = ldm_writers.clip_to_ldm(components["text_encoder"].state_dict(), "p.")
     assert "p.text_model.encoder.layers.11.mlp.fc2.weight" in text
 
 

@@ -11,13 +11,12 @@ from tiny_models import TINY_PROMPTS as PROMPTS
 from tiny_models import config_flags, make_tiny_single_file, single_file_config_dir
 
 from mlcm.lora import read_lora
-from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
 from mlcm_train.cli import main
 from mlcm_train.config import DistillConfig
-from mlcm_train.embeddings import EmbeddingCache
-from mlcm_train.run_inputs import prompt_conditioning
-from mlcm_train.teacher import load_teacher
-from mlcm_train.train import train
+from mlcm_train.distill import train_distill
+from mlcm_train.models.embeddings import EmbeddingCache
+from mlcm_train.models.teacher import load_teacher
+from mlcm_train.run.checkpoint import list_checkpoints, load_checkpoint
 
 
 def tiny_config(teacher, prompts, out, **changes) -> DistillConfig:
@@ -83,7 +82,7 @@ def test_sd15_cli_end_to_end_only_lora_changes(sd15, tmp_path):
 
 def test_sd15_only_lora_weights_change_in_memory(sd15, tmp_path):
     teacher, prompts = sd15
-    result = train(tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1))
+    result = train_distill(tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1))
     _base_weights_unchanged(result.unet, teacher)
 
 
@@ -108,8 +107,8 @@ def test_sdxl_single_file_teacher_end_to_end(tmp_path):
     assert lora.metadata.segments == 4 and lora.metadata.base_family == "sdxl"
     assert lora.metadata.recommended_steps == (1, 2, 4)
     teacher = load_teacher(config_dir)
-    cache = EmbeddingCache(teacher, ["a cat", "a dog"])
-    cond = prompt_conditioning(teacher, cache, [1, 0], 32, torch.device("cpu"))
+    cache = EmbeddingCache(teacher, ["a cat", "a dog"], resolution=32)
+    cond = cache.get([1, 0])
     assert cond.time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
     targeted = [name for name, _ in teacher.unet.named_modules() if name.endswith(("to_q", "conv1"))]
     assert {f"lora_unet_{n.replace('.', '_')}" for n in targeted} <= set(lora.modules)
@@ -118,11 +117,11 @@ def test_sdxl_single_file_teacher_end_to_end(tmp_path):
 def test_resume_continues_exactly(sd15, tmp_path):
     """3 steps straight == 1 step, stop, resume (mid stage 1, then across the stage boundary)."""
     teacher, prompts = sd15
-    straight = train(tiny_config(teacher, prompts, tmp_path / "a", stage1_steps=2, stage2_steps=1))
+    straight = train_distill(tiny_config(teacher, prompts, tmp_path / "a", stage1_steps=2, stage2_steps=1))
     split_config = tiny_config(teacher, prompts, tmp_path / "b", stage1_steps=2, stage2_steps=1)
-    first = train(split_config, stop_after=1)
+    first = train_distill(split_config, stop_after=1)
     assert first.state.global_step == 1 and first.exported == []
-    second = train(split_config, resume=tmp_path / "b")
+    second = train_distill(split_config, resume=tmp_path / "b")
     assert second.state.global_step == 3
     torch.testing.assert_close(straight.losses[1:], second.losses, rtol=1e-5, atol=1e-9)
     a = load_checkpoint(tmp_path / "a").lora
@@ -134,10 +133,10 @@ def test_resume_continues_exactly(sd15, tmp_path):
 def test_existing_run_needs_resume(sd15, tmp_path):
     teacher, prompts = sd15
     config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1)
-    train(config)
+    train_distill(config)
     assert list_checkpoints(tmp_path / "run")
     with pytest.raises(ValueError, match="--resume"):
-        train(config)
+        train_distill(config)
 
 
 def test_pregenerated_trajectories_feed_stage1(sd15, tmp_path):
@@ -152,20 +151,22 @@ def test_pregenerated_trajectories_feed_stage1(sd15, tmp_path):
     config = tiny_config(
         teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=2, trajectories=str(states)
     )
-    result = train(config, profile=True)
+    result = train_distill(config, profile=True)
     assert result.state.global_step == 2 and all(loss >= 0 for loss in result.losses)
     assert "teacher_trajectory" not in result.timings  # no teacher trajectory ran online
     # a folder made for another run is refused with the differing fields named
     other = tiny_config(teacher, prompts, tmp_path / "run2", stages=(1,), trajectories=str(states), skip=10)
     with pytest.raises(ValueError, match="skip"):
-        train(other)
+        train_distill(other)
 
 
 def test_accumulation_and_checkpointing_match_one_big_batch(sd15, tmp_path):
     """batch 4 == batch 2 x 2 micro-steps (with gradient checkpointing on): same samples, same mean gradient."""
     teacher, prompts = sd15
-    big = train(tiny_config(teacher, prompts, tmp_path / "a", stages=(1,), stage1_steps=2, batch_size=4))
-    small = train(
+    big = train_distill(
+        tiny_config(teacher, prompts, tmp_path / "a", stages=(1,), stage1_steps=2, batch_size=4)
+    )
+    small = train_distill(
         tiny_config(
             teacher,
             prompts,

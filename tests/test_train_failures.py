@@ -8,10 +8,11 @@ import pytest
 import torch
 from test_train import tiny_config
 
-from mlcm_train import checkpoint as ckpt
-from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
 from mlcm_train.cli import main
-from mlcm_train.train import NonFiniteLossError, train
+from mlcm_train.distill import train_distill
+from mlcm_train.run import checkpoint as ckpt
+from mlcm_train.run.checkpoint import list_checkpoints, load_checkpoint
+from mlcm_train.run.loop import NonFiniteLossError
 
 
 def test_no_prompts(sd15, tmp_path, capsys):
@@ -50,7 +51,7 @@ def test_nan_step_is_skipped_without_an_update(sd15, tmp_path):
     def nan_at_step_1(step: int, loss: torch.Tensor) -> torch.Tensor:
         return loss * math.nan if step == 1 else loss
 
-    result = train(config, loss_hook=nan_at_step_1)
+    result = train_distill(config, loss_hook=nan_at_step_1)
     assert (
         math.isnan(result.losses[1]) and math.isfinite(result.losses[0]) and math.isfinite(result.losses[2])
     )
@@ -64,7 +65,7 @@ def test_nan_losses_in_a_row_stop_with_causes(sd15, tmp_path):
     teacher, prompts = sd15
     config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=10, nan_patience=3)
     with pytest.raises(NonFiniteLossError, match="3 steps in a row.*likely causes.*mixed-precision"):
-        train(config, loss_hook=lambda step, loss: loss * math.nan)
+        train_distill(config, loss_hook=lambda step, loss: loss * math.nan)
 
 
 def test_killed_mid_checkpoint_keeps_previous_and_resumes(sd15, tmp_path, monkeypatch):
@@ -82,17 +83,17 @@ def test_killed_mid_checkpoint_keeps_previous_and_resumes(sd15, tmp_path, monkey
 
     monkeypatch.setattr(ckpt, "_write_torch", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        train(config)
+        train_distill(config)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000001"]
     monkeypatch.setattr(ckpt, "_write_torch", real_write)
-    result = train(config, resume=tmp_path / "run")
+    result = train_distill(config, resume=tmp_path / "run")
     assert result.state.global_step == 3 and len(result.losses) == 2
 
 
 def test_corrupt_checkpoint_resume_fails_clearly(sd15, tmp_path, capsys):
     teacher, prompts = sd15
     config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1)
-    train(config)
+    train_distill(config)
     (newest,) = list_checkpoints(tmp_path / "run")
     (newest / "optimizer.pt").write_bytes(b"not a torch file")
     assert main(["distill", "--resume", str(tmp_path / "run")]) == 2

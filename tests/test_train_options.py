@@ -11,8 +11,8 @@ import torch
 from test_train import tiny_config
 
 from mlcm.lora import read_lora
-from mlcm_train.checkpoint import load_checkpoint
-from mlcm_train.train import train
+from mlcm_train.distill import train_distill
+from mlcm_train.run.checkpoint import load_checkpoint
 
 
 def test_progressive_rounds_run_in_sequence(sd15, tmp_path):
@@ -26,7 +26,7 @@ def test_progressive_rounds_run_in_sequence(sd15, tmp_path):
         stage1_steps=1,
         sample_steps=(1, 2),
     )
-    result = train(config)
+    result = train_distill(config)
     assert result.state.global_step == 2 and result.state.phase == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["segments"] for r in rows] == [8, 4]
@@ -38,7 +38,7 @@ def test_progressive_rounds_run_in_sequence(sd15, tmp_path):
 def test_ema_target_is_saved_and_lags_the_student(sd15, tmp_path):
     teacher, prompts = sd15
     config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=2, ema_decay=0.5)
-    train(config)
+    train_distill(config)
     saved = load_checkpoint(tmp_path / "run")
     assert saved.ema is not None and set(saved.ema) == set(saved.lora)
     name = next(k for k in saved.lora if ".lora_B." in k and saved.lora[k].abs().max() > 0)
@@ -51,7 +51,7 @@ def test_bf16_autocast_keeps_lora_fp32(sd15, tmp_path):
     config = tiny_config(
         teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1, mixed_precision="bf16"
     )
-    result = train(config)
+    result = train_distill(config)
     assert math.isfinite(result.losses[0])
     lora = [p for n, p in result.unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
@@ -69,7 +69,7 @@ def test_tensorboard_missing_is_explained(sd15, tmp_path, caplog):
     teacher, prompts = sd15
     config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1, tensorboard=True)
     with caplog.at_level(logging.WARNING):
-        train(config)
+        train_distill(config)
     assert "pip install tensorboard" in caplog.text
 
 
@@ -86,16 +86,16 @@ def test_stage1_loss_falls_on_a_fixed_prompt_set(sd15, tmp_path):
         lr_stage1=3e-3,
         segments=2,
     )
-    losses = train(config).losses
+    losses = train_distill(config).losses
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.7 * first, (first, last)
 
 
 def test_stage2_run_starts_from_a_stage1_export(sd15, tmp_path):
     teacher, prompts = sd15
-    first = train(tiny_config(teacher, prompts, tmp_path / "s1", stages=(1,), stage1_steps=1))
+    first = train_distill(tiny_config(teacher, prompts, tmp_path / "s1", stages=(1,), stage1_steps=1))
     config = tiny_config(teacher, prompts, tmp_path / "s2", stages=(2,), init_lora=str(first.exported[0]))
-    start = train(config, stop_after=0)  # checkpoint before any update: the initial LoRA
+    start = train_distill(config, stop_after=0)  # checkpoint before any update: the initial LoRA
     initial = load_checkpoint(start.checkpoint).lora
     trained = load_checkpoint(tmp_path / "s1").lora
     for name, tensor in trained.items():

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from mlcm import scaled_linear_alphas_cumprod, segment_timesteps
-from mlcm_train.sample_grid import eps_to_denoiser, sample_latents, save_grid
+from mlcm_train.method.rollout import consistency_sample, eps_to_denoiser
+from mlcm_train.run.samples import save_grid
 
 
 def test_oracle_eps_gives_its_x0_at_every_step_count():
@@ -21,7 +22,8 @@ def test_oracle_eps_gives_its_x0_at_every_step_count():
 
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     for steps in (1, 2, 4, 8):
-        out = sample_latents(oracle, noise, None, steps=steps, segments=8, alphas_cumprod=acp, seed=3)
+        timesteps = segment_timesteps(steps, 8)
+        out = consistency_sample(oracle, noise, None, timesteps=timesteps, alphas_cumprod=acp, seed=3)
         torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
 
@@ -34,7 +36,7 @@ def test_denoiser_evaluates_the_boundary_timesteps():
         return torch.zeros_like(z)
 
     noise = torch.randn(1, 4, 8, 8)
-    sample_latents(record, noise, None, steps=4, segments=8, alphas_cumprod=acp)
+    consistency_sample(record, noise, None, timesteps=segment_timesteps(4, 8), alphas_cumprod=acp, seed=0)
     assert seen == segment_timesteps(4, 8) == [999, 749, 499, 124]
     denoise = eps_to_denoiser(record, acp, [999], None)
     sigma = ((1 - acp[999]) / acp[999]).sqrt().float()

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from mlcm.segments import scaled_linear_alphas_cumprod, segment_boundaries
-from mlcm_train.distill import DistillSettings, add_noise, sample_stage1_timesteps
-from mlcm_train.trajectories import (
+from mlcm.vp import add_noise
+from mlcm_train.data.trajectories import (
     TrajectoryDataset,
     generate_trajectory_shards,
     prompts_hash,
@@ -20,6 +20,8 @@ from mlcm_train.trajectories import (
     teacher_fingerprint,
     trajectory_identity,
 )
+from mlcm_train.method.settings import DistillSettings
+from mlcm_train.method.timesteps import sample_stage1_timesteps
 
 ACP = scaled_linear_alphas_cumprod()
 BOUNDARIES = segment_boundaries(8)

@@ -17,11 +17,12 @@ import json
 import tempfile
 from pathlib import Path
 
+import ldm_writers
 import torch
 from safetensors.torch import save_file
 
-from mlcm_train import checkpoint_convert
 from mlcm_train.demo.vocab import bytes_to_unicode
+from mlcm_train.models import ldm_keys
 
 SEED = 1234
 TOKEN_LENGTH = 77  # CLIP context length used by SD1.5/SDXL
@@ -221,21 +222,13 @@ def make_tiny_single_file(directory: str | Path, family: str = "sd15") -> Path:
     folder = Path(directory) / f"tiny_{family}"
     pipe.save_pretrained(folder, safe_serialization=True)
     state = {}
-    state.update(checkpoint_convert.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
-    state.update(checkpoint_convert.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    state.update(ldm_writers.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
+    state.update(ldm_writers.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
     if family == "sd15":
-        state.update(
-            checkpoint_convert.clip_to_ldm(
-                pipe.text_encoder.state_dict(), checkpoint_convert.SD15_TEXT_PREFIX
-            )
-        )
+        state.update(ldm_writers.clip_to_ldm(pipe.text_encoder.state_dict(), ldm_keys.SD15_TEXT_PREFIX))
     else:
-        state.update(
-            checkpoint_convert.clip_to_ldm(
-                pipe.text_encoder.state_dict(), checkpoint_convert.SDXL_CLIP_L_PREFIX
-            )
-        )
-        state.update(checkpoint_convert.open_clip_to_ldm(pipe.text_encoder_2.state_dict()))
+        state.update(ldm_writers.clip_to_ldm(pipe.text_encoder.state_dict(), ldm_keys.SDXL_CLIP_L_PREFIX))
+        state.update(ldm_writers.open_clip_to_ldm(pipe.text_encoder_2.state_dict()))
     path = folder.with_suffix(".safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

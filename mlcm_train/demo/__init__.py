@@ -1,6 +1,6 @@
 """The embedded demo: a tiny SD1.5-architecture teacher on coloured digits, distilled and measured on CPU.
 
 ``python -m mlcm_train demo`` (see ``run.py``) distills an MLCM LoRA from the shipped teacher through the same
-``train()`` a user runs on SDXL, then writes a report folder with a sample grid, a quality-vs-steps plot and
-the table of issue 4.
+``train_distill()`` a user runs on SDXL, then writes a report folder with a sample grid, a quality-vs-steps plot and
+its table.
 """

@@ -7,8 +7,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from .classifier import CONFIG_FILE, ClassifierRecipe, save_classifier, train_classifier
-from .teacher_train import RECIPE_FILE, TeacherRecipe, train_teacher
+from mlcm_train.demo.classifier_train import ClassifierRecipe, save_classifier, train_classifier
+from mlcm_train.demo.teacher_train import RECIPE_FILE, TeacherRecipe, train_teacher
+from mlcm_train.eval.digits import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """``python -m mlcm_train demo``: distill MLCM and an LCM-style baseline from the shipped teacher, measure, report.
 
-1. Distill through ``mlcm_train.train.train`` with a ``DistillConfig`` (the code path users run on SDXL):
-   MLCM (8 segments, stage 1 then stage 2; the stage-1 LoRA is read from the phase-boundary checkpoint) and the
-   LCM-style baseline (one segment, stage 1 only, the same number of optimizer steps).
-   Then (issue 5) tune the stage-2 LoRA with the demo classifier's reward through ``mlcm_train.reward.stage``,
-   the code path of ``python -m mlcm_train reward``; its kept weights are the "+ reward" rows.
+1. Distill through ``mlcm_train.distill.train_distill`` with a ``DistillConfig`` (the code path users run on
+   SDXL): MLCM (8 segments, stage 1 then stage 2; the stage-1 LoRA is read from the phase-boundary checkpoint)
+   and the LCM-style baseline (one segment, stage 1 only, the same number of optimizer steps).
+   Then tune the stage-2 LoRA with the demo classifier's reward through ``mlcm_train.reward.stage``, the code
+   path of ``python -m mlcm_train reward``; its kept weights are the "+ reward" rows.
 2. Generate the same prompts from the same noise with every method and step count, decode, time.
 3. Score with the demo classifier (FD to held-out real digits, prompt accuracy, reward) and write the report.
 """
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -24,21 +25,28 @@ from pathlib import Path
 import torch
 
 from mlcm import lcm_timesteps, segment_timesteps
-from mlcm_train.reward.demo_recipe import DEMO_REWARD_ITERATIONS
-
-from . import data
-from .generate import Generated, consistency_sample, generate, teacher_cfg_ddim
-from .report import Row, write_grid, write_plot, write_table
+from mlcm_train.config import LORA_TARGET_MODULES, DistillConfig
+from mlcm_train.data import digits as data
+from mlcm_train.demo.recipe import DEMO_REWARD_ITERATIONS, demo_reward_config
+from mlcm_train.demo.report import Row, write_grid, write_plot, write_table
+from mlcm_train.distill import train_distill
+from mlcm_train.eval.digits import DEMO_ASSETS, DemoEvaluator, load_classifier
+from mlcm_train.eval.generate import Generated, generate
+from mlcm_train.method.rollout import consistency_sample
+from mlcm_train.method.teacher_ddim import teacher_cfg_ddim
+from mlcm_train.models.student import adapters_disabled, attach_lora, load_lora_state_dict
+from mlcm_train.models.teacher import load_teacher
+from mlcm_train.reward.guard import BEST_DIR, GUARD_FILE
+from mlcm_train.reward.stage import train_reward
+from mlcm_train.run.checkpoint import list_checkpoints, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
-TIME_BUDGET_S = 15 * 60  # issue 4: the whole demo on 2 CPU cores, teacher retraining excluded
+ASSET_DIR = DEMO_ASSETS  # the shipped teacher; its classifier lives beside it
+TIME_BUDGET_S = 15 * 60  # the whole demo on 2 CPU cores, teacher retraining excluded
 TEACHER, LCM = "teacher CFG-DDIM", "LCM-style (1 segment)"
 MLCM_STAGE2, MLCM_REWARD = "MLCM + stage 2", "MLCM + stage 2 + reward"
-REWARD_FD_TOLERANCE = (
-    0.1  # issue 5: FD may worsen by at most 10% against the LoRA the reward stage started from
-)
+REWARD_FD_TOLERANCE = 0.1  # FD may worsen by at most 10% against the LoRA the reward stage started from
 
 
 def mlcm_stage1_label(segments: int) -> str:
@@ -65,7 +73,7 @@ class DemoSettings:
     ddim_steps: tuple[int, ...] = (2, 4, 8)
     lcm_steps: tuple[int, ...] = (1, 2, 4, 8)
     mlcm_steps: tuple[int, ...] = (1, 2, 3, 4, 8)
-    reward: bool = True  # issue 5: tune the stage-2 LoRA with the classifier reward, add the "+ reward" rows
+    reward: bool = True  # tune the stage-2 LoRA with the classifier reward, add the "+ reward" rows
     reward_iterations: int = DEMO_REWARD_ITERATIONS
     grid_columns: int = 10
     seed: int = 0
@@ -94,14 +102,13 @@ def _prompt_file(folder: Path) -> Path:
 
 
 def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, stages: tuple[int, ...]):
-    """One ``train()`` run; returns {stage: LoRA state dict} read from the phase-boundary checkpoints."""
-    from mlcm_train.checkpoint import list_checkpoints, load_checkpoint
-    from mlcm_train.config import DistillConfig
-    from mlcm_train.train import train
+    """One ``train_distill()`` run; returns {stage: LoRA state dict} read from the phase-boundary checkpoints."""
 
     run_dir = settings.out / "runs" / name
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo's own scratch folder; train() refuses to start over checkpoints
+        shutil.rmtree(
+            run_dir
+        )  # the demo's own scratch folder; train_distill() refuses to start over checkpoints
     config = DistillConfig(
         teacher=str(settings.teacher),
         prompts=str(prompts),
@@ -123,7 +130,7 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
         sample_steps=tuple(s for s in (1, 2, 4, 8) if s <= segments),
         log_every=10,
     )
-    train(config)
+    train_distill(config)
     loras = {}
     for checkpoint in list_checkpoints(run_dir):
         saved = load_checkpoint(checkpoint)
@@ -133,18 +140,10 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
 
 
 def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The issue-5 reward stage from the MLCM stage-2 run; returns the kept LoRA (PEFT names) and run facts."""
-    import json
-
-    from mlcm_train.reward.demo_recipe import demo_reward_config
-    from mlcm_train.reward.guard import BEST_DIR, GUARD_FILE
-    from mlcm_train.reward.stage import train_reward
-
+    """The reward stage from the MLCM stage-2 run; returns the kept LoRA (PEFT names) and run facts."""
     run_dir = settings.out / "runs" / "reward"
-    if run_dir.exists():
-        shutil.rmtree(
-            run_dir
-        )  # the demo's own scratch folder; train_reward() refuses to start over checkpoints
+    if run_dir.exists():  # the demo's own scratch folder; train_reward() refuses to start over checkpoints
+        shutil.rmtree(run_dir)
     config = demo_reward_config(
         settings.teacher,
         prompts,
@@ -173,117 +172,30 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     """The whole demo; writes ``table.md``, ``table.json``, ``samples.png`` and ``quality_vs_steps.png``."""
     from tqdm.auto import tqdm
 
-    from mlcm_train.eval.demo_metrics import DemoEvaluator
-    from mlcm_train.student import adapters_disabled, attach_lora, load_lora_state_dict
-    from mlcm_train.teacher import load_teacher
-
-    from .classifier import load_classifier
-
     settings = settings or DemoSettings()
     torch.set_num_threads(settings.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts_path = _prompt_file(out)
     timings: dict[str, float] = {}
+    loras, reward_facts = _train_all(settings, _prompt_file(out), timings)
 
     tick = time.perf_counter()
-    mlcm_loras = _distill(settings, prompts_path, "mlcm", settings.segments, (1, 2))
-    timings["distill_mlcm_s"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    lcm_loras = _distill(settings, prompts_path, "lcm", 1, (1,))
-    timings["distill_lcm_s"] = time.perf_counter() - tick
-    reward_lora, reward_facts = None, {}
-    if settings.reward:
-        tick = time.perf_counter()
-        reward_lora, reward_facts = _reward_tune(settings, prompts_path)
-        timings["reward_s"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    teacher = load_teacher(settings.teacher)
-    unet, acp = teacher.unet, teacher.alphas_cumprod
-    attach_lora(unet, rank=settings.lora_rank, alpha=float(settings.lora_rank), targets=_targets())
-    unet.requires_grad_(False)
-    evaluator = DemoEvaluator(load_classifier(settings.teacher))
-    prompts = [data.all_captions()[i % 60] for i in range(settings.samples)]
-    cond = teacher.encode_prompts(prompts)
-    uncond = teacher.uncond(settings.samples)
-    noise = torch.randn(
-        teacher.latent_shape(settings.samples), generator=torch.Generator().manual_seed(settings.seed)
-    )
-
-    def eps(z, t, c):
-        return unet(z, t, **c.unet_kwargs(), return_dict=False)[0].float()
-
-    def run(sampler) -> Generated:
-        return generate(
-            sampler,
-            teacher.vae,
-            noise,
-            cond,
-            uncond,
-            batch_size=settings.eval_batch_size,
-            select=lambda c, rows: c[rows],
-        )
-
-    def ddim(steps):
-        return lambda z, c, u: teacher_cfg_ddim(
-            eps, z, c, u, steps=steps, guidance_scale=settings.guidance_scale, alphas_cumprod=acp
-        )
-
-    def consistency(timesteps):
-        return lambda z, c, u: consistency_sample(
-            eps, z, c, timesteps=timesteps, alphas_cumprod=acp, seed=settings.seed
-        )
-
-    plan = [(TEACHER, s, 2 * s, None, ddim(s)) for s in (settings.teacher_steps, *settings.ddim_steps)]
-    plan += [(LCM, s, s, lcm_loras[1], consistency(lcm_timesteps(s))) for s in settings.lcm_steps]
-    mlcm_rows = [(mlcm_stage1_label(settings.segments), mlcm_loras[1]), (MLCM_STAGE2, mlcm_loras[2])]
-    if reward_lora is not None:
-        mlcm_rows.append((MLCM_REWARD, reward_lora))
-    for label, lora in mlcm_rows:
-        plan += [
-            (label, s, s, lora, consistency(segment_timesteps(s, settings.segments)))
-            for s in settings.mlcm_steps
-        ]
+    bench = _Bench(settings)
+    plan = bench.plan(loras)
     timings["eval_setup_s"] = time.perf_counter() - tick
-    # Grid columns: digit d in colour d mod 6 (prompt index d * 6 + d mod 6), every digit once when possible.
-    colours = len(data.COLOUR_NAMES)
-    grid_index = [d * colours + d % colours for d in range(settings.grid_columns)]
-    if max(grid_index) >= settings.samples:
-        grid_index = list(range(min(settings.grid_columns, settings.samples)))
     rows: list[Row] = []
     grid: list[tuple[str, torch.Tensor]] = []
     tick = time.perf_counter()
     for method, steps, evals, lora, sampler in tqdm(plan, desc="evaluate"):
-        if lora is None:
-            with adapters_disabled(unet):
-                generated = run(sampler)
-        else:
-            load_lora_state_dict(unet, lora)
-            with _merged(unet):  # as ComfyUI patches weights: a distilled step costs one plain UNet call
-                generated = run(sampler)
-        scores = evaluator.score(generated.images, prompts)
-        rows.append(
-            Row(
-                method,
-                steps,
-                evals,
-                generated.seconds / settings.samples,
-                scores.fd,
-                scores.prompt_accuracy,
-                scores.reward,
-                scores.digit_accuracy,
-                scores.colour_accuracy,
-                (generated.seconds - generated.decode_seconds) / settings.samples,
-            )
-        )
-        grid.append((f"{method}\n{steps} steps", generated.images[grid_index]))
-        log.info("%s %d steps: FD %.2f, prompt acc. %.3f", method, steps, scores.fd, scores.prompt_accuracy)
+        row, images = bench.measure(method, steps, evals, lora, sampler)
+        rows.append(row)
+        grid.append((f"{method}\n{steps} steps", images[bench.grid_index]))
+        log.info("%s %d steps: FD %.2f, prompt acc. %.3f", method, steps, row.fd, row.prompt_accuracy)
     timings["evaluate_s"] = time.perf_counter() - tick
     total = time.perf_counter() - started
     files = {
-        "grid": write_grid(grid, [prompts[i] for i in grid_index], out / "samples.png"),
+        "grid": write_grid(grid, [bench.prompts[i] for i in bench.grid_index], out / "samples.png"),
         "plot": write_plot(rows, rows[0], out / "quality_vs_steps.png"),
     }
     goals = check_goals(rows, settings)
@@ -303,6 +215,113 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     files["table_md"], files["table_json"] = write_table(rows, out, extra, notes)
     log.info("demo finished in %.0f s; report in %s", total, out)
     return DemoResult(rows, files, total, timings)
+
+
+def _train_all(settings: DemoSettings, prompts: Path, timings: dict[str, float]) -> tuple[dict, dict]:
+    """MLCM (stages 1, 2), the LCM-style baseline and, when asked, the reward stage: {row label: LoRA}, facts."""
+    tick = time.perf_counter()
+    mlcm = _distill(settings, prompts, "mlcm", settings.segments, (1, 2))
+    timings["distill_mlcm_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    lcm = _distill(settings, prompts, "lcm", 1, (1,))
+    timings["distill_lcm_s"] = time.perf_counter() - tick
+    loras = {LCM: lcm[1], mlcm_stage1_label(settings.segments): mlcm[1], MLCM_STAGE2: mlcm[2]}
+    facts: dict = {}
+    if settings.reward:
+        tick = time.perf_counter()
+        loras[MLCM_REWARD], facts = _reward_tune(settings, prompts)
+        timings["reward_s"] = time.perf_counter() - tick
+    return loras, facts
+
+
+class _Bench:
+    """The fixed evaluation set: the teacher with an attachable LoRA, prompts, conditioning, noise, scorer."""
+
+    def __init__(self, settings: DemoSettings) -> None:
+        self.settings = settings
+        self.teacher = load_teacher(settings.teacher)
+        self.unet, self.acp = self.teacher.unet, self.teacher.alphas_cumprod
+        attach_lora(
+            self.unet, rank=settings.lora_rank, alpha=float(settings.lora_rank), targets=LORA_TARGET_MODULES
+        )
+        self.unet.requires_grad_(False)
+        self.evaluator = DemoEvaluator(load_classifier(settings.teacher))
+        self.prompts = [data.all_captions()[i % 60] for i in range(settings.samples)]
+        self.cond = self.teacher.encode_prompts(self.prompts)
+        self.uncond = self.teacher.uncond(settings.samples)
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.noise = torch.randn(self.teacher.latent_shape(settings.samples), generator=generator)
+        # Grid columns: digit d in colour d mod 6 (prompt index d * 6 + d mod 6), every digit once when possible.
+        colours = len(data.COLOUR_NAMES)
+        self.grid_index = [d * colours + d % colours for d in range(settings.grid_columns)]
+        if max(self.grid_index) >= settings.samples:
+            self.grid_index = list(range(min(settings.grid_columns, settings.samples)))
+
+    def eps(self, z, t, c):
+        return self.unet(z, t, **c.unet_kwargs(), return_dict=False)[0].float()
+
+    def ddim(self, steps: int):
+        guidance = self.settings.guidance_scale
+        return lambda z, c, u: teacher_cfg_ddim(
+            self.eps, z, c, u, steps=steps, guidance_scale=guidance, alphas_cumprod=self.acp
+        )
+
+    def consistency(self, timesteps: list[int]):
+        seed = self.settings.seed
+        return lambda z, c, u: consistency_sample(
+            self.eps, z, c, timesteps=timesteps, alphas_cumprod=self.acp, seed=seed
+        )
+
+    def plan(self, loras: dict) -> list[tuple]:
+        """(method, steps, UNet evals, LoRA or None, sampler) of every table row, in order."""
+        settings = self.settings
+        plan = [
+            (TEACHER, s, 2 * s, None, self.ddim(s)) for s in (settings.teacher_steps, *settings.ddim_steps)
+        ]
+        plan += [(LCM, s, s, loras[LCM], self.consistency(lcm_timesteps(s))) for s in settings.lcm_steps]
+        for label in (mlcm_stage1_label(settings.segments), MLCM_STAGE2, MLCM_REWARD):
+            if label in loras:
+                plan += [
+                    (label, s, s, loras[label], self.consistency(segment_timesteps(s, settings.segments)))
+                    for s in settings.mlcm_steps
+                ]
+        return plan
+
+    def measure(self, method: str, steps: int, evals: int, lora, sampler) -> tuple[Row, torch.Tensor]:
+        """Generate the evaluation set with ``sampler`` (the teacher alone when ``lora`` is None) and score it."""
+        if lora is None:
+            with adapters_disabled(self.unet):
+                generated = self._generate(sampler)
+        else:
+            load_lora_state_dict(self.unet, lora)
+            with _merged(self.unet):  # as ComfyUI patches weights: a distilled step costs one plain UNet call
+                generated = self._generate(sampler)
+        scores = self.evaluator.score(generated.images, self.prompts)
+        samples = self.settings.samples
+        row = Row(
+            method,
+            steps,
+            evals,
+            generated.seconds / samples,
+            scores.fd,
+            scores.prompt_accuracy,
+            scores.reward,
+            scores.digit_accuracy,
+            scores.colour_accuracy,
+            (generated.seconds - generated.decode_seconds) / samples,
+        )
+        return row, generated.images
+
+    def _generate(self, sampler) -> Generated:
+        return generate(
+            sampler,
+            self.teacher.vae,
+            self.noise,
+            self.cond,
+            self.uncond,
+            batch_size=self.settings.eval_batch_size,
+            select=lambda c, rows: c[rows],
+        )
 
 
 def _reward_note(facts: dict) -> str:
@@ -334,18 +353,12 @@ def _merged(unet: torch.nn.Module) -> Iterator[None]:
             layer.unmerge()
 
 
-def _targets() -> tuple[str, ...]:
-    from mlcm_train.config import LORA_TARGET_MODULES
-
-    return LORA_TARGET_MODULES
-
-
 def _find(rows: list[Row], method: str, steps: int) -> Row | None:
     return next((r for r in rows if r.method == method and r.steps == steps), None)
 
 
 def check_goals(rows: list[Row], settings: DemoSettings) -> dict[str, dict]:
-    """Issue 4's goals for MLCM after stage 1 and 2, and issue 5's for the reward rows; measured value and met."""
+    """The demo's goals for MLCM after stage 1 and 2 and for the reward rows; measured value and met."""
     teacher = rows[0]
     goals: dict[str, dict] = {}
 
@@ -398,7 +411,7 @@ def check_goals(rows: list[Row], settings: DemoSettings) -> dict[str, dict]:
 
 
 def goals_markdown(goals: dict[str, dict]) -> str:
-    lines = ["## Goals (issues 4 and 5)", "", "| goal | measured | target | met |", "|---|---|---|---|"]
+    lines = ["## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for name, g in goals.items():
         value = g["value"]
         shown = f"{value:.3f}" if math.isfinite(value) else str(value)

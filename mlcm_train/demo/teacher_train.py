@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import data
-from .vocab import BOS, CONTEXT_LENGTH, EOS, write_tokenizer
+from mlcm_train.data import digits as data
+from mlcm_train.demo.vocab import BOS, CONTEXT_LENGTH, EOS, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _token_ids(tokenizer, texts: list[str]) -> Tensor:
 
 
 def _ddpm_alphas_cumprod() -> Tensor:
-    from mlcm_train.teacher import alphas_cumprod_from_config
+    from mlcm_train.models.teacher import alphas_cumprod_from_config
 
     return alphas_cumprod_from_config(SCHEDULER_CONFIG).float()
 

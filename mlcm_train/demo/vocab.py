@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .data import COLOUR_NAMES, DIGIT_WORDS
+from mlcm_train.data.digits import COLOUR_NAMES, DIGIT_WORDS
 
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

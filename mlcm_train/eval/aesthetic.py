@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .clip_score import ClipScorer
-from .weights import MissingWeightsError, require_files
+from mlcm_train.eval.clip_score import ClipScorer
+from mlcm_train.eval.weights import MissingWeightsError, require_files
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 _HINT = (

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .weights import MissingWeightsError, require_files
+from mlcm_train.eval.weights import MissingWeightsError, require_files
 
 # OpenAI CLIP's image normalisation (CLIP repository, clip/clip.py _transform).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

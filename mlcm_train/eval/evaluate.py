@@ -44,8 +44,10 @@ class EvalRequest:
 def generate_images(request: EvalRequest, prompts: list[str]) -> tuple[Tensor, float]:
     """Images in [0, 1] for ``prompts`` (one each, seeded) and the seconds per image."""
     from mlcm import segment_timesteps
-    from mlcm_train.demo.generate import consistency_sample, generate, teacher_cfg_ddim
-    from mlcm_train.teacher import load_teacher
+    from mlcm_train.eval.generate import generate
+    from mlcm_train.method.rollout import consistency_sample
+    from mlcm_train.method.teacher_ddim import teacher_cfg_ddim
+    from mlcm_train.models.teacher import load_teacher
 
     teacher = load_teacher(request.teacher)
     unet, acp = teacher.unet, teacher.alphas_cumprod
@@ -58,9 +60,9 @@ def generate_images(request: EvalRequest, prompts: list[str]) -> tuple[Tensor, f
         return unet(z, t, **c.unet_kwargs(), return_dict=False)[0].float()
 
     if request.lora is not None:
-        from mlcm_train.checkpoint import load_checkpoint, resolve_checkpoint
         from mlcm_train.config import DistillConfig
-        from mlcm_train.student import attach_lora, load_lora_state_dict
+        from mlcm_train.models.student import attach_lora, load_lora_state_dict
+        from mlcm_train.run.checkpoint import load_checkpoint, resolve_checkpoint
 
         saved = load_checkpoint(resolve_checkpoint(request.lora))
         config = DistillConfig.from_dict(saved.config)
@@ -117,32 +119,30 @@ def score_images(request: EvalRequest, images: Tensor, prompts: list[str]) -> di
         if metric not in METRICS:
             raise ValueError(f"metric {metric!r} is unknown; choose from {', '.join(METRICS)}")
         if metric == "demo":
-            from mlcm_train.demo.classifier import load_classifier
-            from mlcm_train.demo.run import ASSET_DIR
-
-            from .demo_metrics import DemoEvaluator
+            from mlcm_train.eval.digits import DEMO_ASSETS as ASSET_DIR
+            from mlcm_train.eval.digits import DemoEvaluator, load_classifier
 
             evaluator = DemoEvaluator(load_classifier(request.classifier or ASSET_DIR))
             scores.update(evaluator.score(images, prompts).to_dict())
         elif metric == "clip":
-            from .clip_score import ClipScorer
+            from mlcm_train.eval.clip_score import ClipScorer
 
             with torch.no_grad():
                 scores["clip_score"] = float(ClipScorer(request.clip_model).score(images, prompts).mean())
         elif metric == "aesthetic":
-            from .aesthetic import AestheticScorer
+            from mlcm_train.eval.aesthetic import AestheticScorer
 
             with torch.no_grad():
                 scorer = AestheticScorer(request.aesthetic_head, request.aesthetic_clip)
                 scores["aesthetic"] = float(scorer.score(images).mean())
         elif metric == "imagereward":
-            from .image_reward import ImageRewardScorer
+            from mlcm_train.eval.image_reward import ImageRewardScorer
 
             scores["imagereward"] = float(
                 ImageRewardScorer(request.imagereward).score(images, prompts).mean()
             )
         else:
-            from .fid import InceptionFeatures, fid
+            from mlcm_train.eval.fid import InceptionFeatures, fid
 
             reference = _reference_images(request.reference_images, images.shape[-1])
             scores["fid"] = fid(InceptionFeatures(request.inception), images, reference)
@@ -151,7 +151,7 @@ def score_images(request: EvalRequest, images: Tensor, prompts: list[str]) -> di
 
 def evaluate(request: EvalRequest) -> dict:
     """Generate, score, and (with ``out``) write the scores as JSON; returns them."""
-    from mlcm_train.prompts import read_prompts
+    from mlcm_train.data.prompts import read_prompts
 
     prompts = read_prompts(request.prompts)
     start = time.perf_counter()

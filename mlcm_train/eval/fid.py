@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .frechet import frechet_distance
-from .weights import require_files
+from mlcm_train.eval.frechet import frechet_distance
+from mlcm_train.eval.weights import require_files
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SIZE = 299

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .weights import require_files
+from mlcm_train.eval.weights import require_files
 
 FILES = ("ImageReward.pt", "med_config.json")
 TOKENIZER_DIR = "bert-base-uncased"

@@ -1,19 +1,7 @@
-"""Preference tuning of a distilled MLCM LoRA: ``python -m mlcm_train reward`` (MLCM_METHOD.md §5).
+"""The reward stage: preference tuning of a distilled MLCM LoRA, ``python -m mlcm_train reward``.
 
-``interface`` (what a reward is), ``losses`` (MPS-style hinge, maximisation), ``models`` (built-in rewards
-from local weights), ``start`` (the distilled LoRA to start from), ``rollout`` (differentiable student
-samples through the VAE decoder), ``guard`` (evaluation and keep-best), ``stage`` (the training loop).
+``interface`` (what a reward is), ``models`` (built-in rewards from local weights), ``start`` (the distilled
+LoRA to start from), ``recipe`` (what the run inherits from that LoRA), ``guard`` (evaluation and keep-best),
+``export`` (the tuned LoRA's files), ``stage`` (the stage the training loop runs). The losses live in
+``mlcm_train.method.reward_loss``; docs/method.md, "The reward stage", describes the method.
 """
-
-from .interface import Reward, WeightedReward, decoded_to_unit
-from .losses import hinge_loss, maximise_loss, reward_loss, rolled_prompts
-
-__all__ = [
-    "Reward",
-    "WeightedReward",
-    "decoded_to_unit",
-    "hinge_loss",
-    "maximise_loss",
-    "reward_loss",
-    "rolled_prompts",
-]

@@ -10,15 +10,13 @@ from typing import Any
 
 import torch
 
-from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
-
-from ..config import DistillConfig
-from ..export import check_export_formats, lora_targets, write_diffusers_file, write_peft_folder
-from ..reward_config import RewardConfig
-from .guard import BEST_DIR, BEST_LORA, GUARD_FILE, RewardGuard
-from .models import reward_spec_name
-from .recipe import resolve_segments
-from .start import StartLora, read_start_lora
+from mlcm.lora import MLCMLoraMetadata
+from mlcm_train.config import RewardConfig
+from mlcm_train.reward.guard import BEST_DIR, BEST_LORA, GUARD_FILE, RewardGuard
+from mlcm_train.reward.models import reward_spec_name
+from mlcm_train.reward.recipe import resolve_segments
+from mlcm_train.reward.start import StartLora, read_start_lora
+from mlcm_train.run.export import LoraShape, check_export_formats, lora_targets, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,6 @@ def reward_metadata(
 def export_reward_lora(
     lora_state: dict[str, torch.Tensor],
     start: StartLora,
-    targets: Sequence[str],
     meta: MLCMLoraMetadata,
     out_dir: str | Path,
     *,
@@ -58,28 +55,16 @@ def export_reward_lora(
     name: str | None = None,
 ) -> list[Path]:
     """Write the tuned LoRA (kohya with explicit alpha, optionally PEFT/diffusers) at the start LoRA's rank/alpha."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = name or f"mlcm_{meta.base_family}_{meta.segments}seg_reward"
-    # The PEFT/diffusers writers read rank, alpha and targets from a DistillConfig; this one carries only those.
-    shape = DistillConfig(lora_rank=start.rank, lora_alpha=start.alpha, lora_targets=tuple(targets))
-    written = []
-    if "kohya" in formats:
-        modules = lora_from_peft_state_dict(lora_state, r=start.rank, lora_alpha=start.alpha)
-        source = f"reward-tuned from {start.source} with lora_alpha={start.alpha:g}, r={start.rank}"
-        path = out_dir / f"{stem}.safetensors"
-        write_kohya_lora(
-            path, LoraWeights(modules, meta, "peft", (), source), metadata=meta, dtype=torch.float16
-        )
-        written.append(path)
-    if "peft" in formats:
-        written.append(write_peft_folder(out_dir / f"{stem}_peft", lora_state, shape))
-    if "diffusers" in formats:
-        written.append(write_diffusers_file(out_dir / f"{stem}_diffusers", lora_state, shape))
-    (out_dir / f"{stem}.config.json").write_text(
-        json.dumps(meta.training, indent=2, sort_keys=True), encoding="utf-8"
+    return write_lora(
+        lora_state,
+        LoraShape(start.rank, start.alpha, tuple(lora_targets(lora_state))),
+        meta,
+        out_dir,
+        stem=name or f"mlcm_{meta.base_family}_{meta.segments}seg_reward",
+        formats=formats,
+        source=f"reward-tuned from {start.source} with lora_alpha={start.alpha:g}, r={start.rank}",
+        record=meta.training,
     )
-    return written
 
 
 def kept_lora(guard: RewardGuard, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,9 +97,7 @@ def export_kept_lora(
     meta = reward_metadata(
         start, config, reward_name=reward_name, segments=segments, family=family, facts=facts
     )
-    written = export_reward_lora(
-        chosen, start, lora_targets(chosen), meta, out_dir, formats=config.export_formats
-    )
+    written = export_reward_lora(chosen, start, meta, out_dir, formats=config.export_formats)
     for path in written:
         log.info("exported %s (weights of step %d, keep-best rule %s)", path, kept_step, config.keep_best)
     return written
@@ -171,4 +154,4 @@ def export_reward_checkpoint(
         facts=facts,
     )
     target = Path(out_dir) if out_dir is not None else run_dir / "export"
-    return export_reward_lora(lora, start, lora_targets(lora), meta, target, formats=formats, name=name)
+    return export_reward_lora(lora, start, meta, target, formats=formats, name=name)

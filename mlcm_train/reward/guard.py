@@ -3,7 +3,7 @@
 Every evaluation scores a fixed set of student samples (same prompts and seeds each time) with the trained
 reward and a held-out measure: a second reward (higher is better) or the demo's Frechet distance (lower is
 better). The guard keeps the best LoRA by the user's rule and warns when the held-out measure gets worse
-while the reward rises, the signature of over-optimisation (RG-LCD; ReFL's overexposure, MLCM_METHOD.md §5).
+while the reward rises, the signature of over-optimisation (RG-LCD; ReFL's overexposure; docs/method.md, "The reward stage").
 
 Rules: ``guarded`` = the highest reward among evaluations whose held-out measure is at most ``tolerance``
 (relative) worse than before training at every evaluated step count (the start LoRA itself always qualifies); ``heldout`` = the best
@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..reward_config import HELDOUT_FD
-from .models import build_reward
+from mlcm_train.config import HELDOUT_FD
+from mlcm_train.reward.models import build_reward
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,8 @@ def build_heldout(spec: str, device: str | torch.device = "cpu") -> HeldOut:
     """``fd=<demo classifier folder>`` (demo FD, lower is better) or a reward spec (mean score, higher is better)."""
     name, _, path = spec.partition("=")
     if name.strip().lower() == HELDOUT_FD:
-        from mlcm_train.demo import data
-        from mlcm_train.demo.classifier import load_classifier
-        from mlcm_train.eval.demo_metrics import DemoEvaluator
+        from mlcm_train.data import digits as data
+        from mlcm_train.eval.digits import DemoEvaluator, load_classifier
 
         if not path:
             raise ValueError(

@@ -2,7 +2,7 @@
 
 Images are (B, 3, H, W) float tensors in **[0, 1]** (the VAE's [-1, 1] output mapped by ``decoded_to_unit``,
 as ReFL does before its scorer); each reward resizes, crops and normalises for its own network in torch so
-gradients reach the pixels (training_anchors.md §3.7). Higher scores are better.
+gradients reach the pixels (as ReFL and DRaFT do). Higher scores are better.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from mlcm_train.method.reward_loss import check_scores
 
 
 @runtime_checkable
@@ -28,29 +30,14 @@ class Reward(Protocol):
         ...
 
 
-def decoded_to_unit(decoded: Tensor) -> Tensor:
-    """VAE output in [-1, 1] -> images in [0, 1] (``(x / 2 + 0.5).clamp(0, 1)``, ReFL / diffusers' postprocess)."""
-    return (decoded.float() / 2 + 0.5).clamp(0.0, 1.0)
-
-
 def weighted_name(parts: Iterable[tuple[str, float]]) -> str:
     """``clip+aesthetic*0.5``: the parts' names joined by ``+``, each weight other than 1 after a ``*``."""
     return "+".join(name if weight == 1.0 else f"{name}*{weight:g}" for name, weight in parts)
 
 
-def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
-    """A reward's output as (B,) float32; a wrong shape is an error naming the reward."""
-    scores = scores.float().reshape(-1) if scores.ndim == 2 and scores.shape[1] == 1 else scores.float()
-    if tuple(scores.shape) != (batch,):
-        raise ValueError(
-            f"reward {name!r} returned shape {tuple(scores.shape)}; expected one score per image ({batch},)"
-        )
-    return scores
-
-
 @dataclass(frozen=True)
 class WeightedReward:
-    """``R = sum_i w_i r_i`` over several rewards (training_anchors.md §3.7, composite reward)."""
+    """``R = sum_i w_i r_i`` over several rewards (a composite reward)."""
 
     parts: tuple[tuple[float, Reward], ...]
 

@@ -1,4 +1,4 @@
-"""Built-in rewards, loaded from local paths only (no reward weights ship in any package; training_anchors.md §3.6).
+"""Built-in rewards, loaded from local paths only (no reward weights ship in any package).
 
 Spec grammar (``--reward`` / ``--heldout``): ``NAME[*WEIGHT][=PATH]``, comma-separated for a weighted sum,
 e.g. ``hpsv2=/models/hps,aesthetic*0.5=/models/aesthetic``. What each PATH must hold:
@@ -16,7 +16,7 @@ e.g. ``hpsv2=/models/hps,aesthetic*0.5=/models/aesthetic``. What each PATH must 
   score as the package reports it (``mlcm_train.eval.image_reward``).
 - ``classifier``: the demo classifier folder (``classifier.safetensors`` + ``classifier_config.json``);
   score ``log p_T(digit | x) + log p_T(colour | x)`` of the caption at the classifier's temperature
-  (``mlcm_train.demo.classifier.classifier_reward``).
+  (``mlcm_train.eval.digits.classifier_reward``).
 - ``brightness``: no weights; mean luminance in [0, 1]. A toy for smoke tests, not a preference model.
 """
 
@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from mlcm_train.eval.clip_score import ClipScorer, clip_preprocess
 from mlcm_train.eval.weights import MissingWeightsError
-
-from .interface import Reward, WeightedReward, freeze, weighted_name
+from mlcm_train.reward.interface import Reward, WeightedReward, freeze, weighted_name
 
 # Rec. 601 luma weights for the toy brightness reward.
 LUMA = (0.299, 0.587, 0.114)
@@ -226,14 +225,14 @@ class ClassifierReward:
     name = "classifier"
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
-        from mlcm_train.demo.classifier import CONFIG_FILE, WEIGHTS_FILE, load_classifier
+        from mlcm_train.eval.digits import CONFIG_FILE, WEIGHTS_FILE, load_classifier
 
         folder = _need(self.name, path, (WEIGHTS_FILE, CONFIG_FILE))
         self.model = freeze(load_classifier(folder), device)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        from mlcm_train.demo import data
-        from mlcm_train.demo.classifier import classifier_reward
+        from mlcm_train.data import digits as data
+        from mlcm_train.eval.digits import classifier_reward
 
         if images.shape[-1] != data.IMAGE_SIZE or images.shape[-2] != data.IMAGE_SIZE:
             size = (data.IMAGE_SIZE, data.IMAGE_SIZE)

@@ -1,17 +1,16 @@
 """What a reward run inherits from the distilled LoRA: segment count, the anchor's stage-2 settings, the teacher.
 
 A LoRA exported by `distill` records its recipe in its metadata (``training.config``); a run checkpoint holds
-it in config.json. Where nothing is recorded the paper's values apply (MLCM_METHOD.md §5).
+it in config.json. Where nothing is recorded the paper's values apply (docs/method.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config import DistillConfig
-from ..distill import DistillSettings
-from ..reward_config import RewardConfig
-from .start import StartLora
+from mlcm_train.config import RewardConfig
+from mlcm_train.method.settings import DistillSettings
+from mlcm_train.reward.start import StartLora
 
 DEFAULT_SEGMENTS = 8  # MLCM's M when the LoRA does not record it
 DEFAULT_GUIDANCE = 8.0  # the paper's teacher CFG (SDXL) when the LoRA does not record it
@@ -26,18 +25,6 @@ def resolve_segments(config: RewardConfig, start: StartLora) -> int:
             f"step counts {too_many} exceed the LoRA's {segments} segments; use at most {segments} steps"
         )
     return segments
-
-
-def distill_view(config: RewardConfig) -> DistillConfig:
-    """The teacher/prompt fields of the run as a DistillConfig, for run_inputs.load_inputs."""
-    return DistillConfig(
-        teacher=config.teacher,
-        prompts=config.prompts,
-        teacher_config=config.teacher_config,
-        tokenizer_path=config.tokenizer_path,
-        comfyui_root=config.comfyui_root,
-        resolution=config.resolution,
-    )
 
 
 def anchor_settings(

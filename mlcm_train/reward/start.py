@@ -2,7 +2,7 @@
 
 Either way it ends up as PEFT-named weights (``<module>.lora_A.weight``), one rank and one alpha, the UNet
 modules it targets, its MLCM metadata and, when recorded, the distill config it was trained with. It is
-attached to the teacher's UNet at its trained alpha (MLCM_METHOD.md §4, the scale trap).
+attached to the teacher's UNet at its trained alpha (docs/method.md, "The LoRA and its scale").
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from mlcm.lora import MLCMLoraMetadata, detect_family, kohya_name_index, read_lora
-
-from ..checkpoint import CHECKPOINT_DIR, STATE_FILE, load_checkpoint
-from ..config import DistillConfig
-from ..export import build_metadata
-from ..student import attach_lora, load_lora_state_dict
+from mlcm_train.config import DistillConfig
+from mlcm_train.distill import build_metadata
+from mlcm_train.models.student import attach_lora, load_lora_state_dict
+from mlcm_train.run.checkpoint import CHECKPOINT_DIR, STATE_FILE, load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mlcm_train import checkpoint_convert as cc
+from mlcm_train.models import ldm_keys as cc
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # mlcm_train/configs (package data)
 FAMILIES = ("sd15", "sdxl")
 # Extensions read with torch.load(weights_only=True); everything else must be safetensors.
 TORCH_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")

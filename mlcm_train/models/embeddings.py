@@ -1,4 +1,4 @@
-"""Text conditioning computed once per unique prompt and served by prompt index (issue 3, item 5).
+"""Text conditioning computed once per unique prompt and served by prompt index.
 
 The text encoders then run once per prompt for the whole run instead of once per training sample. Rows
 are kept on the CPU in the teacher's dtype: SD1.5 needs 77x768 values per prompt, SDXL 77x2048 + 1280
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mlcm_train.conditioning import Conditioning
+from mlcm_train.models.conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
 

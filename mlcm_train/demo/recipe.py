@@ -1,7 +1,7 @@
-"""The reward stage of the demo (issue 5): the demo classifier's reward, the demo FD held out, 2 and 4 steps.
+"""The reward stage of the demo: the demo classifier's reward, the demo FD held out, 2 and 4 steps.
 
 The demo's MLCM LoRA (``python -m mlcm_train demo``) is tuned with the classifier's tempered
-``log p_T(digit | x) + log p_T(colour | x)`` of its caption (``demo.classifier.REWARD_TEMPERATURE``), anchored by
+``log p_T(digit | x) + log p_T(colour | x)`` of its caption (``mlcm_train.eval.digits.REWARD_TEMPERATURE``), anchored by
 the stage-2 loss; the Frechet distance to held-out real digits is the held-out
 measure and the "guarded" rule keeps the highest reward whose FD is at most 10% worse than before.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..reward_config import RewardConfig
+from mlcm_train.config import RewardConfig
 
 # The demo trains its tiny UNet with learning rates 20x the paper's (2e-3 / 2e-4 for stages 1 / 2 against
 # SDXL's 1e-4 / 1e-5, demo/run.py); the reward stage follows: 2e-4 against the paper's 1e-5.
@@ -21,7 +21,7 @@ DEMO_EVAL_SAMPLES = 240  # the demo table's 4 images per caption
 # Anchor weight 20 (stage-2 loss x 20), measured from the demo's stage-2 LoRA, 100 iterations at lr 2e-4, each
 # scored like the table on 4 seed sets x 240 images (4-step reward / FD change; start -0.249 / 188.9):
 #   anchor 10: -0.213 / +6.8%    anchor 20: -0.225 / -0.4%    (anchor 3, on an earlier LoRA: +21%)
-# (2 steps, anchor 20: -0.349 -> -0.281, FD -3%). Issue 5 allows FD at most 10% worse; 20 leaves the margin
+# (2 steps, anchor 20: -0.349 -> -0.281, FD -3%). The demo allows FD at most 10% worse; 20 leaves the margin
 # that a 240-image table row needs (its FD moves 1-4% between seed sets at 4 steps, 8-9% at 2).
 DEMO_ANCHOR_WEIGHT = 20.0
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mlcm_train import single_file, tokenizer_search
-from mlcm_train.conditioning import Conditioning
+from mlcm_train.models import single_file
+from mlcm_train.models.conditioning import Conditioning
+from mlcm_train.models.tokenizers import find_tokenizers, load_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def load_teacher(
     """Load a frozen teacher from a diffusers folder or a single-file SD1.5/SDXL checkpoint, offline.
 
     `config_dir`: a diffusers folder whose configs describe a single-file checkpoint (default: the shipped
-    SD1.5/SDXL-base configs). Tokenizers are searched as documented in `mlcm_train.tokenizer_search`.
+    SD1.5/SDXL-base configs). Tokenizers are searched as documented in `mlcm_train.models.tokenizers`.
     """
     path = Path(path)
     if not path.exists():
@@ -269,7 +270,7 @@ def load_teacher(
     index_path = folder / "model_index.json"
     index = _read_json(index_path) if index_path.is_file() else {}
     zero_uncond = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
-    source = tokenizer_search.find_tokenizers(
+    source = find_tokenizers(
         2 if family == "sdxl" else 1,
         tokenizer_path=tokenizer_path,
         diffusers_dirs=diffusers_dirs,
@@ -280,7 +281,7 @@ def load_teacher(
     else:
         modules = single_file.build_from_single_file(single_file.read_checkpoint(path), family, folder, dtype)
     encoders = tuple(modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules)
-    tokenizers = tokenizer_search.load_tokenizers(source, int(encoders[0].config.max_position_embeddings))
+    tokenizers = load_tokenizers(source, int(encoders[0].config.max_position_embeddings))
     for tokenizer, encoder in zip(tokenizers, encoders):
         if len(tokenizer) > encoder.config.vocab_size:
             raise ValueError(

@@ -19,6 +19,7 @@ class StepTimer:
         self.profile, self.device = profile, device
         self.seconds: dict[str, float] = defaultdict(float)
         self.label = "rest"
+        self._warmed_up = False
 
     def _sync(self) -> None:
         if self.profile and self.device.type == "cuda":
@@ -35,6 +36,14 @@ class StepTimer:
             self._sync()
             self.seconds[label] += time.perf_counter() - start
             self.label = previous
+
+    def step_done(self, seconds: float) -> None:
+        """Count one optimizer step of ``seconds``; with ``profile`` the first (one-off costs) is forgotten."""
+        self.seconds["total"] += seconds
+        self.seconds["steps"] += 1
+        if self.profile and not self._warmed_up:  # the first step pays allocations and lazy init
+            self.seconds.clear()
+            self._warmed_up = True
 
 
 def timed(timer: StepTimer, label: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

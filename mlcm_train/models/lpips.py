@@ -7,7 +7,7 @@ spatially averaged, head-weighted squared difference of channel-normalised featu
 
 Module names follow the LPIPS reference layout (``net.slice{k}.{i}`` with torchvision's VGG16 layer
 indices, ``lin{k}.model.1.weight``), so LPIPS-style and torchvision-style (``features.{i}``) state dicts
-load directly; the layout of the released ``latent-lpips.pth`` is unknown (mlcm_paper.md §3.5), so
+load directly; the layout of the released ``latent-lpips.pth`` is not published (arXiv 2406.05768v6 §4.3 describes only the network), so
 loading is non-strict and reports missing and unexpected keys.
 """
 

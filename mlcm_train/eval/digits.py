@@ -1,14 +1,14 @@
-"""A small CNN trained on the real coloured digits: digit and colour heads, plus the features FD is measured in.
+"""The coloured-digits classifier as a metric and a reward: the demo's FD, prompt accuracy and classifier reward.
 
-Three uses (issue 4 item 3): its penultimate features define the demo's Frechet distance (as Inception's do
-for FID, Heusel et al. 2017); its argmax says whether an image shows the caption's digit and colour (prompt
-accuracy); and the tempered ``log p_T(digit | x) + log p_T(colour | x)`` of the caption's labels is a
-differentiable reward of decoded images (what the reward stage of issue 5 maximises).
+A small CNN trained on the real coloured digits (``mlcm_train.data.digits``), shipped with the demo teacher.
+Three uses: its penultimate features define the demo's Frechet distance (as Inception's do for FID, Heusel
+et al. 2017); its argmax says whether an image shows the caption's digit and colour (prompt accuracy); and
+the tempered ``log p_T(digit | x) + log p_T(colour | x)`` of the caption's labels is a differentiable reward
+of decoded images (what the demo's reward stage maximises). ``mlcm_train.demo.classifier_train`` trains it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import data
+from mlcm_train.data import digits as data
+from mlcm_train.eval.frechet import frechet_distance_from_stats, gaussian_stats
 
 log = logging.getLogger(__name__)
 
+# The shipped demo teacher's folder; its classifier lives beside the pipeline.
+DEMO_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier_config.json"
 # The reward's softmax temperature. At T=1 it saturates: the demo's stage-2 student at 4 steps scores
@@ -30,23 +33,6 @@ CONFIG_FILE = "classifier_config.json"
 # images score -0.25 and the reward still prefers clearer, more typical digits and colours, while a wrong
 # digit or colour still costs the most.
 REWARD_TEMPERATURE = 4.0
-
-
-@dataclass(frozen=True)
-class ClassifierRecipe:
-    """Architecture and training of the demo classifier (written next to its weights)."""
-
-    seed: int = 0
-    channels: tuple[int, ...] = (32, 64, 64)
-    features: int = 64  # dimension of the FD feature space
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
-    noise_std: float = 0.05  # pixel noise augmentation: robustness to generated images' artefacts
-    max_shift: int = 2  # random translation in pixels
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class DigitClassifier(nn.Module):
@@ -73,53 +59,6 @@ class DigitClassifier(nn.Module):
         """(digit logits, colour logits)."""
         feats = self.embed(images)
         return self.digit_head(feats), self.colour_head(feats)
-
-
-def _augment(images: Tensor, recipe: ClassifierRecipe, generator: torch.Generator) -> Tensor:
-    shift = recipe.max_shift
-    dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=generator))
-    images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
-    return (images + recipe.noise_std * torch.randn(images.shape, generator=generator)).clamp(0.0, 1.0)
-
-
-def train_classifier(recipe: ClassifierRecipe | None = None, *, progress: bool = True) -> DigitClassifier:
-    """Cross-entropy on digit and colour over the training split, every digit in random colours."""
-    from tqdm.auto import trange
-
-    recipe = recipe or ClassifierRecipe()
-    torch.manual_seed(recipe.seed)  # layer initialisation uses the global RNG
-    model = DigitClassifier(recipe.channels, recipe.features)
-    train = data.load_split("train")
-    generator = torch.Generator().manual_seed(recipe.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
-    bar = trange(recipe.steps, desc="classifier", disable=not progress)
-    for _ in bar:
-        index = torch.randint(0, len(train), (recipe.batch_size,), generator=generator)
-        colours = data.random_colours(recipe.batch_size, generator)
-        images = _augment(data.colourise(train.masks[index], colours), recipe, generator)
-        digit_logits, colour_logits = model(images)
-        loss = nn.functional.cross_entropy(digit_logits, train.digits[index]) + nn.functional.cross_entropy(
-            colour_logits, colours
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-    model.eval()
-    return model
-
-
-def save_classifier(model: DigitClassifier, folder: str | Path, recipe: ClassifierRecipe) -> Path:
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}  # fp16 on disk
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return folder / WEIGHTS_FILE
 
 
 def load_classifier(folder: str | Path) -> DigitClassifier:
@@ -170,3 +109,62 @@ def predict(model: DigitClassifier, images: Tensor, batch_size: int = 256) -> tu
         digits.append(model.digit_head(f).argmax(-1))
         colours.append(model.colour_head(f).argmax(-1))
     return torch.cat(feats), torch.cat(digits), torch.cat(colours)
+
+
+@dataclass(frozen=True)
+class DemoScores:
+    fd: float  # squared Frechet distance in classifier-feature space to held-out real images
+    prompt_accuracy: float  # fraction whose predicted digit AND colour match the caption
+    digit_accuracy: float
+    colour_accuracy: float
+    reward: float  # mean classifier_reward: tempered log p(digit|x) + log p(colour|x) of the caption
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "fd": self.fd,
+            "prompt_accuracy": self.prompt_accuracy,
+            "digit_accuracy": self.digit_accuracy,
+            "colour_accuracy": self.colour_accuracy,
+            "reward": self.reward,
+        }
+
+
+class DemoEvaluator:
+    """Scores generated images against the held-out split shown in every colour (297 x 6 real images)."""
+
+    def __init__(self, classifier: DigitClassifier) -> None:
+        self.classifier = classifier
+        reference = data.load_split("heldout")
+        images = torch.cat(
+            [
+                data.colourise(reference.masks, torch.full((len(reference),), c, dtype=torch.long))
+                for c in range(len(data.COLOUR_NAMES))
+            ]
+        )
+        features, _, _ = predict(classifier, images)
+        self.reference_stats = gaussian_stats(features)
+
+    @torch.no_grad()
+    def score(self, images: Tensor, prompts: Sequence[str]) -> DemoScores:
+        """Metrics of images in [0, 1] (N, 3, 32, 32) generated for ``prompts``."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(
+                f"{images.shape[0]} images but {len(prompts)} prompts; give one prompt per image"
+            )
+        labels = torch.tensor([data.parse_caption(p) for p in prompts], dtype=torch.long)
+        features, digits, colours = predict(self.classifier, images)
+        digit_ok = digits == labels[:, 0]
+        colour_ok = colours == labels[:, 1]
+        rewards = torch.cat(
+            [
+                classifier_reward(self.classifier, chunk, list(prompts[i : i + 256]))
+                for i, chunk in zip(range(0, len(prompts), 256), images.split(256))
+            ]
+        )
+        return DemoScores(
+            fd=frechet_distance_from_stats(*gaussian_stats(features), *self.reference_stats),
+            prompt_accuracy=float((digit_ok & colour_ok).float().mean()),
+            digit_accuracy=float(digit_ok.float().mean()),
+            colour_accuracy=float(colour_ok.float().mean()),
+            reward=float(rewards.mean()),
+        )

@@ -1,20 +1,32 @@
-"""Reward losses: the MPS-style hinge of TLCM §4 as published, plain maximisation, and their dispatcher."""
+"""Reward losses: the MPS-style hinge of arXiv 2406.05768v6 (Eq. 11) as published, plain maximisation, the dispatcher.
+
+A reward is any ``reward(images, prompts) -> (B,)`` callable with a ``name`` (``mlcm_train.reward.interface``);
+see docs/method.md, "The reward stage".
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .interface import Reward, check_scores
-
-# TLCM trains with the MPS scorer and margin 16 (MLCM_METHOD.md §5); other scorers need their own margin.
+# The paper trains with the MPS scorer and margin 16 (arXiv 2406.05768v6 §4); other scorers need their own margin.
 PAPER_MARGIN = 16.0
 
 
+def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
+    """A reward's output as (B,) float32; a wrong shape is an error naming the reward."""
+    scores = scores.float().reshape(-1) if scores.ndim == 2 and scores.shape[1] == 1 else scores.float()
+    if tuple(scores.shape) != (batch,):
+        raise ValueError(
+            f"reward {name!r} returned shape {tuple(scores.shape)}; expected one score per image ({batch},)"
+        )
+    return scores
+
+
 def hinge_loss(positive: Tensor, negative: Tensor, margin: float = PAPER_MARGIN) -> Tensor:
-    """``mean(max(margin - score(x, prompt), 0) + max(score(x, other_prompt), 0))`` (TLCM §4, MPS optimisation)."""
+    """``mean(max(margin - score(x, prompt), 0) + max(score(x, other_prompt), 0))`` (arXiv 2406.05768v6, Eq. 11)."""
     return (torch.relu(margin - positive) + torch.relu(negative)).mean()
 
 
@@ -30,7 +42,12 @@ def rolled_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 def reward_loss(
-    reward: Reward, images: Tensor, prompts: Sequence[str], *, loss: str, margin: float = PAPER_MARGIN
+    reward: Callable[[Tensor, Sequence[str]], Tensor],
+    images: Tensor,
+    prompts: Sequence[str],
+    *,
+    loss: str,
+    margin: float = PAPER_MARGIN,
 ) -> tuple[Tensor, dict[str, float]]:
     """The reward loss of a batch of images in [0, 1] and its monitoring numbers (mean score, hinge parts)."""
     batch = images.shape[0]

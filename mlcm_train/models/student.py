@@ -1,7 +1,7 @@
 """The student: a PEFT LoRA on the teacher's own UNet (one UNet in memory; adapters off = teacher).
 
 Base weights are frozen (optionally in bf16/fp16); LoRA weights stay fp32 so that AdamW updates are not
-lost to rounding under autocast (diffusers LCM-LoRA scripts, training_anchors.md §1.9).
+lost to rounding under autocast (as the diffusers LCM-LoRA scripts do).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def load_lora_file(unet: nn.Module, path: str, *, rank: int, alpha: float) -> in
     """Start the adapter from an existing LoRA file/folder (kohya, PEFT, diffusers); returns modules loaded.
 
     The file's own scale (its alpha / rank) is folded into B, so the student's effective weights equal
-    the file's as a loader would apply them (MLCM_METHOD.md §4). Ranks must match this run's.
+    the file's as a loader would apply them (docs/method.md, "The LoRA and its scale"). Ranks must match this run's.
     """
     from mlcm.lora import kohya_name, read_lora
 

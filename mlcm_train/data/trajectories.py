@@ -2,7 +2,7 @@
 
 Stage 1 learns from states ``z_{t_m}`` of the teacher's own CFG-DDIM trajectories (multistep denoising,
 TLCM Algorithm 1). The paper makes them online every iteration; caching them trades disk for compute
-(MLCM_METHOD.md §5, our option). A folder holds ``manifest.json`` (what made the states) and shards
+(our option; docs/method.md, "Choices where the paper is silent"). A folder holds ``manifest.json`` (what made the states) and shards
 ``shard-00000.safetensors`` ... with tensors ``z_tm`` (B, C, H, W), ``t_m``, ``segment``, ``prompt_index``.
 
 - Deterministic: shard k depends only on (seed, k), so any process can make any shard and reruns agree.
@@ -27,7 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .distill import DistillSettings, EpsFn, mds_states, sample_stage1_timesteps, segment_bounds
+from mlcm_train.method.settings import DistillSettings
+from mlcm_train.method.teacher_ddim import EpsFn, mds_states
+from mlcm_train.method.timesteps import sample_stage1_timesteps, segment_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -219,19 +221,14 @@ def generate_trajectory_shards(
         prompts_hash=prompts_hash,
     )
     num_shards = shard_count(num_samples, shard_size)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "identity": identity,
-        "num_samples": num_samples,
-        "shard_size": shard_size,
-        "num_shards": num_shards,
-        "num_prompts": num_prompts,
-        "seed": seed,
-        "store_dtype": store_dtype,
-    }
-    _ensure_manifest(out_dir, manifest)
-    manifest_hash = _manifest_hash(manifest)
+    manifest_hash = _write_manifest(
+        out_dir,
+        identity=identity,
+        counts={"num_samples": num_samples, "shard_size": shard_size, "num_shards": num_shards},
+        num_prompts=num_prompts,
+        seed=seed,
+        store_dtype=store_dtype,
+    )
     mine = shard_assignment(num_shards, rank, world_size)
     missing = [k for k in mine if not (out_dir / shard_name(k)).is_file()]
     logger.info(
@@ -266,6 +263,29 @@ def generate_trajectory_shards(
         )
     bar.close()
     return [out_dir / shard_name(k) for k in mine]
+
+
+def _write_manifest(
+    out_dir: Path,
+    *,
+    identity: dict[str, Any],
+    counts: dict[str, int],
+    num_prompts: int,
+    seed: int,
+    store_dtype: str,
+) -> str:
+    """Write (or check against) the folder's manifest; returns its hash, which every shard records."""
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "identity": identity,
+        **counts,
+        "num_prompts": num_prompts,
+        "seed": seed,
+        "store_dtype": store_dtype,
+    }
+    _ensure_manifest(out_dir, manifest)
+    return _manifest_hash(manifest)
 
 
 def _shard_rows(index: int, num_samples: int, shard_size: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
 UNET_PREFIX = "model.diffusion_model."
@@ -167,27 +166,12 @@ def _is_vae_attention_matrix(diffusers_key: str) -> bool:
     )
 
 
-def unet_to_ldm(state_dict: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
-    """Diffusers UNet state dict -> LDM keys with the `model.diffusion_model.` prefix."""
-    mapping = unet_key_map(list(state_dict), config)
-    return {UNET_PREFIX + mapping[k]: v for k, v in state_dict.items()}
-
-
 def unet_from_ldm(
     checkpoint: Mapping[str, Tensor], diffusers_keys: list[str], config: Mapping
 ) -> dict[str, Tensor]:
     """LDM checkpoint (full single file) -> diffusers UNet state dict for a model with `diffusers_keys`."""
     mapping = unet_key_map(diffusers_keys, config)
     return {k: _take(checkpoint, UNET_PREFIX + ldm, "UNet") for k, ldm in mapping.items()}
-
-
-def vae_to_ldm(state_dict: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
-    """Diffusers AutoencoderKL state dict -> LDM keys; mid attention linears become 1x1 convs as in LDM."""
-    mapping = vae_key_map(list(state_dict), config)
-    out = {}
-    for k, v in state_dict.items():
-        out[VAE_PREFIX + mapping[k]] = v[:, :, None, None] if _is_vae_attention_matrix(k) else v
-    return out
 
 
 def vae_from_ldm(
@@ -208,11 +192,6 @@ def canonical_clip_key(key: str) -> str:
     transformers 5 drops the `text_model.` level from CLIPTextModel's own state dict; both spellings map here.
     """
     return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
-
-
-def clip_to_ldm(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """transformers CLIPTextModel state dict -> single-file keys (transformers-4 layout under `prefix`)."""
-    return {prefix + canonical_clip_key(k): v for k, v in state_dict.items()}
 
 
 def clip_from_ldm(checkpoint: Mapping[str, Tensor], model_keys: list[str], prefix: str) -> dict[str, Tensor]:
@@ -256,21 +235,6 @@ def _open_clip_key_map(model_keys: list[str]) -> dict[str, str]:
 
 
 _QKV = re.compile(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
-
-
-def open_clip_to_ldm(state_dict: Mapping[str, Tensor], prefix: str = SDXL_CLIP_G_PREFIX) -> dict[str, Tensor]:
-    """CLIPTextModelWithProjection -> OpenCLIP single-file keys (fused qkv, transposed projection)."""
-    out = {prefix + ldm: state_dict[k] for k, ldm in _open_clip_key_map(list(state_dict)).items()}
-    canonical = {canonical_clip_key(k): v for k, v in state_dict.items()}
-    layers = sorted({int(m.group(1)) for k in canonical if (m := _QKV.fullmatch(k))})
-    for i in layers:
-        base = f"text_model.encoder.layers.{i}.self_attn."
-        for param in ("weight", "bias"):
-            fused = torch.cat([canonical[f"{base}{p}_proj.{param}"] for p in ("q", "k", "v")])
-            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{param}"] = fused
-    # OpenCLIP computes x @ text_projection, a Linear computes x @ W.T: the file holds the transpose.
-    out[prefix + "text_projection"] = canonical["text_projection.weight"].T.contiguous()
-    return out
 
 
 def open_clip_from_ldm(

@@ -1,0 +1,196 @@
+"""What a training run is built from: the accelerator, the run directory, the teacher with its prompts and
+text conditioning (computed once, at the run's resolution), and the one UNet in its three roles.
+
+Both stages (``mlcm_train.distill``, ``mlcm_train.reward.stage``) open a run here and hand it to the loop of
+``mlcm_train.run.loop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mlcm_train.config import RunConfig
+from mlcm_train.data.prompts import read_prompts
+from mlcm_train.models.conditioning import Conditioning
+from mlcm_train.models.embeddings import EmbeddingCache
+from mlcm_train.models.student import LoraEMA, adapters_disabled, load_lora_state_dict
+from mlcm_train.models.teacher import Teacher, load_teacher
+from mlcm_train.run.checkpoint import Checkpoint, TrainState, list_checkpoints, load_checkpoint, restore_rng
+from mlcm_train.run.log import RunLog
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto`` = bf16 on a CUDA device that supports it, otherwise fp32 ("no")."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(mixed_precision: str):
+    """An Accelerator for this run (CPU, one GPU, or the processes of torchrun/accelerate launch)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process; forget a previous run's precision so that several
+    # runs can share a process (demo, tests). The distributed setup (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def load_inputs(
+    config: RunConfig, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[Teacher, list[str], EmbeddingCache]:
+    """The frozen teacher, the prompt list and its text conditioning (encoded once, at ``config.resolution``)."""
+    # Prompts first: a bad prompt file should fail before minutes of checkpoint loading.
+    prompts = read_prompts(config.prompts)
+    teacher = load_teacher(
+        config.teacher,
+        tokenizer_path=config.tokenizer_path,
+        comfyui_root=config.comfyui_root,
+        config_dir=config.teacher_config,
+        dtype=weight_dtype,
+        device=device,
+    )
+    return teacher, prompts, EmbeddingCache(teacher, prompts, resolution=config.resolution)
+
+
+@dataclass
+class Run:
+    """One training run: its config, accelerator, directory, the checkpoint it resumes from and its inputs."""
+
+    config: RunConfig
+    accelerator: Any
+    run_dir: Path
+    saved: Checkpoint | None
+    weight_dtype: torch.dtype
+    teacher: Teacher | None = None
+    prompts: list[str] = field(default_factory=list)
+    embeddings: EmbeddingCache | None = None
+    log: RunLog | None = None  # metrics.jsonl (+ TensorBoard), main process only
+    _uncond: Conditioning | None = None
+
+    @classmethod
+    def open(cls, config: RunConfig, resume: str | Path | None) -> Run:
+        """The cheap part: accelerator, run directory and resume checks; no model is loaded yet."""
+        mixed_precision = resolve_mixed_precision(config.mixed_precision)
+        accelerator = make_accelerator(mixed_precision)
+        run_dir = Path(config.output_dir)
+        saved = load_checkpoint(resume) if resume is not None else None
+        if saved is None and list_checkpoints(run_dir):
+            raise ValueError(
+                f"{run_dir} already holds checkpoints; pass --resume {run_dir} to continue that run "
+                "or choose another --output-dir"
+            )
+        if saved is not None and saved.state.config_hash != config.config_hash():
+            changed = sorted(k for k, v in config.to_dict().items() if saved.config.get(k) != v)
+            log.warning(
+                "resuming with a changed recipe (%s); the continuation will differ from an uninterrupted run",
+                ", ".join(changed),
+            )
+        return cls(config, accelerator, run_dir, saved, WEIGHT_DTYPES[mixed_precision])
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.teacher.alphas_cumprod.to(self.device)
+
+    @classmethod
+    def inputs_only(cls, config: RunConfig) -> Run:
+        """The teacher, prompts and conditioning of ``config`` without a run directory (e.g. ``trajectories``)."""
+        mixed_precision = resolve_mixed_precision(config.mixed_precision)
+        run = cls(
+            config,
+            make_accelerator(mixed_precision),
+            Path(config.output_dir),
+            None,
+            WEIGHT_DTYPES[mixed_precision],
+        )
+        run.load_inputs()
+        return run
+
+    def load(self) -> None:
+        """Write config.json, open the metrics log, then load the inputs."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.config.to_json() + "\n", encoding="utf-8")
+            self.log = RunLog(self.run_dir, tensorboard=self.config.tensorboard)
+        self.load_inputs()
+
+    def load_inputs(self) -> None:
+        """The teacher, the prompts and their text conditioning, and the CFG null condition."""
+        self.teacher, self.prompts, self.embeddings = load_inputs(self.config, self.device, self.weight_dtype)
+        # SDXL's size conditioning names the run's resolution in the student, target and teacher alike.
+        self._uncond = self.teacher.uncond(1, self.config.resolution).to(self.device)
+
+    def cond(self, indices: Any) -> Conditioning:
+        """The cached text conditioning of prompts ``indices``, on the run's device."""
+        return self.embeddings.get(indices).to(self.device)
+
+    def uncond(self, batch_size: int) -> Conditioning:
+        """The CFG null condition for ``batch_size`` samples."""
+        return self._uncond.repeat(batch_size)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one training latent at the run's resolution."""
+        return tuple(self.teacher.latent_shape(1, self.config.resolution))[1:]
+
+    def noise(self, generators: list[torch.Generator]) -> Tensor:
+        """One unit-variance latent per generator (drawn on the CPU, so any device draws the same)."""
+        return torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators]).to(
+            self.device
+        )
+
+    def start_state(self, unet: nn.Module, ema: LoraEMA | None = None) -> TrainState:
+        """A fresh TrainState, or the resumed checkpoint's with its LoRA, EMA and RNG states put back."""
+        state = TrainState(0, 0, 0, 0, self.teacher.family, len(self.prompts), 0, self.config.config_hash())
+        if self.saved is None:
+            return state
+        load_lora_state_dict(unet, self.saved.lora)
+        if ema is not None and self.saved.ema is not None:
+            ema.load_state_dict(self.saved.ema)
+        state = self.saved.state
+        state.config_hash = self.config.config_hash()
+        restore_rng(self.saved.rng)
+        log.info("resuming from %s at global step %d", self.saved.path, state.global_step)
+        return state
+
+
+class UnetRoles:
+    """One UNet, three eps functions: the student (with gradients), its no-grad target (EMA weights when
+    enabled) and the frozen teacher (adapters off). ``model`` is the accelerate-prepared (DDP) wrapper."""
+
+    def __init__(self, accelerator: Any, unet: nn.Module, model: nn.Module, ema: LoraEMA | None = None):
+        self.accelerator, self.unet, self.model, self.ema = accelerator, unet, model, ema
+
+    def _call(self, module: nn.Module, z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with self.accelerator.autocast():
+            return module(z, t, **cond.unet_kwargs(), return_dict=False)[0].float()
+
+    def student(self, z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        return self._call(self.model, z, t, cond)
+
+    def target(self, z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with torch.no_grad(), self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return self._call(self.unet, z, t, cond)
+
+    def teacher(self, z: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with torch.no_grad(), adapters_disabled(self.unet):
+            return self._call(self.unet, z, t, cond)
