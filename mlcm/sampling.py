@@ -3,7 +3,7 @@
 One function serves every update rule, selected by ``eta`` (the fraction of fresh noise):
 
 - ``eta = 1``: the official TLCM/MLCM update: predict x0, then re-noise it to the next boundary with
-  fresh Gaussian noise (MLCM_METHOD.md §3). ComfyUI's built-in ``lcm`` sampler computes the same update;
+  fresh Gaussian noise (docs/method.md, "Sampling"). ComfyUI's built-in ``lcm`` sampler computes the same update;
   given the same fresh noise the two agree (our fresh noise is seeded apart from the starting noise, see
   ``fresh_noise_seed``).
 - ``eta = 0``: deterministic: DDIM from each boundary to the next with the model's own noise estimate

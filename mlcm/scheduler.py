@@ -1,4 +1,4 @@
-"""``MLCMScheduler``: the official MLCM/TLCM sampling loop as a diffusers scheduler (MLCM_METHOD.md §3).
+"""``MLCMScheduler``: the official MLCM/TLCM sampling loop as a diffusers scheduler (docs/method.md, "Sampling").
 
 Each step turns the UNet's output into ``x0 = (z - s_t * eps) / a_t`` and moves to the next segment
 boundary with the rule chosen by ``eta`` (the same rules as ``mlcm.sampling``):
@@ -208,7 +208,7 @@ class MLCMScheduler(SchedulerMixin, ConfigMixin):
         return math.sqrt(acp), math.sqrt(1.0 - acp)
 
     def _x0_and_eps(self, model_output: Tensor, sample: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """``x0`` (MLCM_METHOD.md §2) and the matching noise estimate from the model's parameterisation."""
+        """``x0`` (docs/method.md, "Shared maths") and the matching noise estimate from the model's parameterisation."""
         a, s = self._coefficients(t)
         kind = self.config.prediction_type
         if kind == "epsilon":

@@ -1,4 +1,4 @@
-"""Segment boundaries and the steps-to-timesteps selection of MLCM (MLCM_METHOD.md §3).
+"""Segment boundaries and the steps-to-timesteps selection of MLCM (docs/method.md, "Sampling").
 
 The diffusion time range [0, T-1] is split into M segments whose boundaries are
 ``linspace(T-1, 0, M+1)`` cast to integers. A k-step sampler evaluates the UNet at k of the M upper

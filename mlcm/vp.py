@@ -1,7 +1,7 @@
 """The discrete variance-preserving maths shared by the sampler, the scheduler and the trainer.
 
 ``a_t = sqrt(acp[t])``, ``s_t = sqrt(1 - acp[t])`` with ``acp`` the DDPM ``alphas_cumprod``
-(MLCM_METHOD.md §2). Timesteps are per-sample LongTensors of shape (B,); results are float32.
+(docs/method.md, "Shared maths"). Timesteps are per-sample LongTensors of shape (B,); results are float32.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# The 14 UNet module patterns of the official MLCM/TLCM LoRA (MLCM_METHOD.md §4), matched PEFT-style:
+# The 14 UNet module patterns of the official MLCM/TLCM LoRA (docs/method.md, "The LoRA and its scale"), matched PEFT-style:
 # a module is targeted when its name equals a pattern or ends with "." + pattern.
 TARGET_MODULE_PATTERNS: tuple[str, ...] = (
     "to_q",

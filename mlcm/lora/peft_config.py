@@ -14,7 +14,7 @@ from .modules import LoraModule
 from .pairs import build_modules, group_lora_keys
 
 # PEFT's LoraConfig field default (peft/tuners/lora/config.py); the official MLCM code never sets
-# lora_alpha, so its LoRA trains at 8 / 64 = 0.125 (MLCM_METHOD.md §4).
+# lora_alpha, so its LoRA trains at 8 / 64 = 0.125 (docs/method.md, "The LoRA and its scale").
 PEFT_DEFAULT_LORA_ALPHA = 8.0
 
 

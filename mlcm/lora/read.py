@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # What PEFT's save_pretrained writes, in the order we prefer them.
 PEFT_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-# PEFT's name, then the name the MLCM/TLCM SDXL release ships its config under (mlcm_paper.md §6).
+# PEFT's name, then the name the MLCM/TLCM SDXL release ships its config under (docs/method.md, "The LoRA and its scale").
 PEFT_CONFIG_NAMES = ("adapter_config.json", "lora_model_adapter_config.json")
 # The safetensors header key diffusers' save_lora_weights / save_lora_adapter write the LoraConfig under
 # (diffusers/loaders/lora_base.py LORA_ADAPTER_METADATA_KEY).
