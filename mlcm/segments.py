@@ -78,6 +78,11 @@ def _tail_indices(steps: int, segments: int, start: int, selection: str) -> list
             tail = [i for i in selection_indices(full_steps, segments, selection="official") if i >= start]
             if len(tail) == steps + 1 and tail[0] == start:
                 return tail
+        if segments == DEFAULT_SEGMENTS and OFFICIAL_INDICES_M8[steps][-2] == segments - 1:
+            # No tail fits. Every official table of 3 or more steps ends at the last non-zero boundary
+            # (124), so end there too and space the other steps as evenly as possible between the start
+            # boundary and it. The 1- and 2-step tables (999 / 999, 499) do not, so those stay uniform.
+            return _uniform_indices(steps - 1, start, segments - 1) + [segments]
     return _uniform_indices(steps, start, segments)
 
 
@@ -116,7 +121,8 @@ def segment_timesteps(
     """The descending timesteps the model is evaluated at for a ``steps``-step MLCM run.
 
     With ``denoise < 1`` (img2img) the run starts at the boundary matching the strength and keeps the
-    tail of the schedule, so every evaluated timestep is still a trained segment boundary.
+    tail of the schedule, so every evaluated timestep is still a trained segment boundary. Where no
+    official (M = 8) table has such a tail, a run of 3 or more steps still ends at 124, as those tables do.
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection={selection!r} is unknown; choose one of {', '.join(SELECTIONS)}")

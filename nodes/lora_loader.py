@@ -171,7 +171,8 @@ class MLCMLoraLoader(io.ComfyNode):
                 "MLCM release 8x too strong because it ignores the adapter config; this node does not. "
                 "Fails with a clear message when the LoRA does not fit the model (e.g. an SDXL LoRA on "
                 "SD1.5) or the file is corrupt. The 'report' output says how many modules were applied and "
-                "at which scale. The LoRA's segment count is passed on to MLCM Segment Schedule."
+                "at which scale. The LoRA's segment count and supported step counts are passed on to MLCM "
+                "Segment Schedule."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5 or SDXL model the LoRA was distilled from."),
@@ -219,6 +220,9 @@ class MLCMLoraLoader(io.ComfyNode):
             "family": family,
             "recommended_steps": list(metadata.recommended_steps)
             if metadata is not None and metadata.recommended_steps
+            else None,
+            "supported_steps": list(metadata.supported_steps)
+            if metadata is not None and metadata.supported_steps
             else None,
             "lora_name": lora_name,
         }

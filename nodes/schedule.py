@@ -61,6 +61,28 @@ def lora_segments(model: object) -> int | None:
     return int(segments) if segments else None
 
 
+def lora_supported_steps(model: object) -> list[int] | None:
+    """Step counts MLCMLoraLoader stored on ``model`` from the LoRA's metadata, if the LoRA records them."""
+    options = getattr(model, "model_options", None) or {}
+    steps = options.get(MODEL_OPTIONS_KEY, {}).get("supported_steps")
+    return [int(step) for step in steps] if steps else None
+
+
+def check_supported_steps(steps: int, supported_steps: Sequence[int] | None) -> None:
+    """Raise ValueError when ``steps`` exceeds the largest step count the LoRA's metadata supports."""
+    if not supported_steps or steps <= max(supported_steps):
+        return
+    most = max(supported_steps)
+    if list(supported_steps) == list(range(1, most + 1)):
+        listed = f"1-{most}"
+    else:
+        listed = ", ".join(str(step) for step in supported_steps)
+    raise ValueError(
+        f"steps={steps} is too many: this LoRA supports {listed} steps; use at most {most} steps or a LoRA "
+        "that supports more"
+    )
+
+
 def _check_widgets(steps: int, segments: int, selection: str, denoise: float) -> str | None:
     """ComfyUI skips its own min/max and list checks for inputs a validate_inputs declares: repeat them."""
     if selection not in SELECTIONS:
@@ -87,9 +109,9 @@ class MLCMSegmentSchedule(io.ComfyNode):
                 "Sigmas for MLCM sampling: the model is evaluated only at the boundaries of the segments the "
                 "MLCM LoRA was trained on (for 8 segments: 999, 874, ..., 124), using the authors' table for "
                 "2-8 steps. Connect SIGMAS to SamplerCustom (cfg 1.0) together with MLCM Sampler. "
-                "Steps cannot exceed the segment count. denoise < 1 (img2img) keeps the tail of the "
-                "schedule, so every step still lands on a trained boundary. The 'timesteps' output shows "
-                "the UNet timesteps used."
+                "Steps cannot exceed the segment count, nor the most steps the LoRA's metadata says it "
+                "supports. denoise < 1 (img2img) keeps the tail of the schedule, so every step still lands "
+                "on a trained boundary. The 'timesteps' output shows the UNet timesteps used."
             ),
             inputs=[
                 io.Model.Input(
@@ -102,7 +124,8 @@ class MLCMSegmentSchedule(io.ComfyNode):
                     default=4,
                     min=1,
                     max=MAX_STEPS,
-                    tooltip="Number of model evaluations (1 to the LoRA's segment count; 4 is a good default).",
+                    tooltip="Number of model evaluations (1 to the LoRA's segment count, or to the most steps "
+                    "it supports when its metadata says; 4 is a good default).",
                 ),
                 io.Int.Input(
                     "segments",
@@ -110,7 +133,8 @@ class MLCMSegmentSchedule(io.ComfyNode):
                     min=0,
                     max=MAX_SEGMENTS,
                     tooltip="Segments the LoRA was trained with. 0 = auto: read from the LoRA's metadata "
-                    f"(via MLCM LoRA Loader), else {DEFAULT_SEGMENTS}. Advanced: leave at 0.",
+                    f"(via MLCM LoRA Loader), else {DEFAULT_SEGMENTS}; steps are then also held to the most "
+                    "steps the LoRA's metadata says it supports. Advanced: leave at 0.",
                 ),
                 io.Combo.Input(
                     "selection",
@@ -160,6 +184,8 @@ class MLCMSegmentSchedule(io.ComfyNode):
         check_model_sampling(model_sampling)
         if segments == 0:
             segments = lora_segments(model) or DEFAULT_SEGMENTS
+            if selection != "lcm":  # lcm timesteps are not boundaries: no segment or step limit applies
+                check_supported_steps(steps, lora_supported_steps(model))
         timesteps = segment_timesteps(steps, segments, selection=selection, denoise=denoise)
         sigmas = sigmas_at_timesteps(model_sampling, timesteps)
         text = ", ".join(str(t) for t in timesteps)

@@ -16,6 +16,7 @@ FULL = MLCMLoraMetadata(
     segments=8,
     base_family="sdxl",
     recommended_steps=(2, 4, 8),
+    supported_steps=(1, 2, 3, 4, 5, 6, 7, 8),
     stages=("mlcd", "inter_segment"),
     training={"lora_rank": 64, "lora_alpha": 8.0, "prompts": ["a cat", "a dog"], "nested": {"w": 8.0}},
 )
@@ -78,6 +79,31 @@ def test_malformed_metadata_is_named_and_dropped_with_a_warning(tmp_path: Path, 
     lora = read_lora(tmp_path / "bad_meta.safetensors")
     assert lora.metadata is None
     assert "mlcm.segments" in caplog.text
+
+
+def test_supported_steps_round_trip_and_old_files_read_as_none(tmp_path: Path) -> None:
+    header = FULL.to_header()
+    assert json.loads(header["mlcm.supported_steps"]) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert MLCMLoraMetadata.from_header(header).supported_steps == (1, 2, 3, 4, 5, 6, 7, 8)
+    # a file written before the key existed
+    old = {key: value for key, value in header.items() if key != "mlcm.supported_steps"}
+    assert MLCMLoraMetadata.from_header(old).supported_steps is None
+    assert "mlcm.supported_steps" not in MLCMLoraMetadata(segments=8).to_header()
+    lora = _lora({"lora_unet_down_blocks_0_resnets_0_conv1": _module(8)})
+    write_kohya_lora(tmp_path / "steps.safetensors", lora, metadata=MLCMLoraMetadata(supported_steps=(2, 4)))
+    assert read_lora(tmp_path / "steps.safetensors").metadata.supported_steps == (2, 4)
+
+
+@pytest.mark.parametrize("steps", [(), (0, 1), (-1,), (2, 2), (4, 2), (1.5,), (True,), [1, 2]])
+def test_supported_steps_must_be_positive_and_increasing(steps) -> None:
+    with pytest.raises(ValueError, match="supported_steps"):
+        MLCMLoraMetadata(supported_steps=steps)
+
+
+@pytest.mark.parametrize("value", ["8", '"1-8"', "[1, 2.5]", "[2, 1]", "[0]", "not json"])
+def test_malformed_supported_steps_are_named(value: str) -> None:
+    with pytest.raises(ValueError, match="supported_steps"):
+        MLCMLoraMetadata.from_header({**FULL.to_header(), "mlcm.supported_steps": value})
 
 
 def test_metadata_rejects_values_a_sampler_cannot_use() -> None:

@@ -322,6 +322,8 @@ def test_strength_and_custom_timesteps() -> None:
     scheduler = MLCMScheduler()
     scheduler.set_timesteps(2, strength=0.5)
     assert scheduler.timesteps.tolist() == [499, 124]  # the tail of the 3-step table
+    scheduler.set_timesteps(4, strength=0.875)
+    assert scheduler.timesteps.tolist() == [874, 624, 374, 124]  # no table's tail: still ends at 124
     scheduler.set_timesteps(timesteps=[999, 499])
     assert scheduler.num_inference_steps == 2
     scheduler = MLCMScheduler(selection="lcm")

@@ -87,6 +87,37 @@ def test_img2img_keeps_the_tail_of_the_official_table():
             assert all(a > b for a, b in zip(ts, ts[1:]))
 
 
+def test_img2img_without_an_official_tail_still_ends_at_124():
+    # 4 steps from boundary 1 (t=874): no official table has such a tail; 874, 624, 374, 249 would skip
+    # the 124 every official table of 3+ steps ends at.
+    assert segment_timesteps(4, 8, denoise=0.875) == [874, 624, 374, 124]
+    assert segment_timesteps(3, 8, denoise=0.875) == [874, 499, 124]
+    assert segment_timesteps(3, 8, denoise=0.625) == [624, 374, 124]
+    # 1 and 2 steps keep the uniform fallback: the 1- and 2-step tables do not end at 124 either
+    assert segment_timesteps(2, 8, denoise=0.875) == [874, 374]
+
+
+# (0, 1] densely, plus the round-half-up edges of the strength-to-boundary rule and a tiny strength.
+DENOISE_GRID = sorted({i / 200 for i in range(1, 201)} | {(2 * k + 1) / 16 for k in range(8)} | {1e-6})
+
+
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_img2img_schedules_stay_on_the_boundaries_down_to_124(steps):
+    boundaries = segment_boundaries(8)
+    for denoise in DENOISE_GRID:
+        covered = max(1, int(denoise * 8 + 0.5))  # docs/method.md: start at index M - round(denoise * M)
+        if steps > covered:
+            with pytest.raises(ValueError, match="raise denoise"):
+                segment_timesteps(steps, 8, denoise=denoise)
+            continue
+        ts = segment_timesteps(steps, 8, denoise=denoise)
+        assert len(ts) == steps and set(ts) <= set(boundaries[:-1]), (denoise, ts)
+        assert all(a > b for a, b in zip(ts, ts[1:])), (denoise, ts)
+        assert ts[0] == boundaries[8 - covered], (denoise, ts)
+        if steps >= 3:
+            assert ts[-1] == 124, (denoise, ts)
+
+
 def test_lcm_selection_matches_diffusers_lcm_scheduler():
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

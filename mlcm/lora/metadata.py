@@ -25,6 +25,7 @@ KEY_VERSION = MLCM_PREFIX + "format_version"
 KEY_SEGMENTS = MLCM_PREFIX + "segments"
 KEY_BASE_FAMILY = MLCM_PREFIX + "base_family"
 KEY_RECOMMENDED_STEPS = MLCM_PREFIX + "recommended_steps"
+KEY_SUPPORTED_STEPS = MLCM_PREFIX + "supported_steps"
 KEY_STAGES = MLCM_PREFIX + "stages"
 KEY_TRAINING = MLCM_PREFIX + "training"
 
@@ -36,6 +37,8 @@ class MLCMLoraMetadata:
     segments: int | None = None  # M, the number of consistency segments the LoRA was trained with
     base_family: str | None = None  # "sd15" | "sdxl"
     recommended_steps: tuple[int, ...] | None = None  # step counts the trainer evaluated as good
+    # Step counts the LoRA is meant to be sampled with, increasing; loaders refuse more than the largest.
+    supported_steps: tuple[int, ...] | None = None
     stages: tuple[str, ...] = ()  # training stages run, in order (e.g. "mlcd", "inter_segment", "reward")
     training: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable training facts
 
@@ -46,6 +49,8 @@ class MLCMLoraMetadata:
             raise ValueError(f"base_family={self.base_family!r} must be one of {BASE_FAMILIES} or None")
         if self.recommended_steps is not None and any(step < 1 for step in self.recommended_steps):
             raise ValueError(f"recommended_steps={self.recommended_steps} must all be positive step counts")
+        if self.supported_steps is not None:
+            _check_supported_steps(self.supported_steps)
 
     def to_header(self) -> dict[str, str]:
         """The safetensors `__metadata__` entries for these facts (our `mlcm.*` keys and the ecosystem's)."""
@@ -59,6 +64,8 @@ class MLCMLoraMetadata:
             header["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[self.base_family]
         if self.recommended_steps is not None:
             header[KEY_RECOMMENDED_STEPS] = json.dumps([int(step) for step in self.recommended_steps])
+        if self.supported_steps is not None:
+            header[KEY_SUPPORTED_STEPS] = json.dumps(list(self.supported_steps))
         if self.stages:
             header[KEY_STAGES] = json.dumps(list(self.stages))
         if self.training:
@@ -85,6 +92,7 @@ class MLCMLoraMetadata:
             )
         segments = _parse(header, KEY_SEGMENTS, int) if KEY_SEGMENTS in header else None
         steps = _parse(header, KEY_RECOMMENDED_STEPS, json.loads) if KEY_RECOMMENDED_STEPS in header else None
+        supported = _parse(header, KEY_SUPPORTED_STEPS, _step_list) if KEY_SUPPORTED_STEPS in header else None
         stages = _parse(header, KEY_STAGES, json.loads) if KEY_STAGES in header else []
         training = _parse(header, KEY_TRAINING, json.loads) if KEY_TRAINING in header else {}
         if not isinstance(training, dict):
@@ -93,9 +101,33 @@ class MLCMLoraMetadata:
             segments=segments,
             base_family=header.get(KEY_BASE_FAMILY),
             recommended_steps=tuple(int(step) for step in steps) if steps is not None else None,
+            supported_steps=supported,
             stages=tuple(str(stage) for stage in stages),
             training=training,
         )
+
+
+def _check_supported_steps(steps: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``steps`` is a non-empty, strictly increasing tuple of positive ints."""
+    valid = (
+        isinstance(steps, tuple)
+        and len(steps) > 0
+        and all(isinstance(step, int) and not isinstance(step, bool) and step >= 1 for step in steps)
+        and all(a < b for a, b in zip(steps, steps[1:]))
+    )
+    if not valid:
+        raise ValueError(
+            f"supported_steps={steps!r} must be a tuple of positive step counts in increasing order, e.g. "
+            "(1, 2, 3, 4, 5, 6, 7, 8); use None when the supported steps are unknown"
+        )
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    """A JSON list of integers, e.g. ``"[1, 2, 4]"``, as a tuple."""
+    steps = json.loads(text)
+    if not isinstance(steps, list) or not all(isinstance(step, int) for step in steps):
+        raise ValueError("expected a JSON list of integers")
+    return tuple(steps)
 
 
 def _parse(header: dict[str, str], key: str, parse: Any) -> Any:

@@ -20,6 +20,33 @@ logger = logging.getLogger(__name__)
 # kohya sd-scripts' marker for a plain LoRA network, and its value of ss_network_dim/alpha for mixed ranks.
 SS_NETWORK_MODULE = "networks.lora"
 SS_DYNAMIC = "Dynamic"
+# Linux reports the process's umask here (since 4.7) without changing it.
+PROC_STATUS = "/proc/self/status"
+OPEN_MODE = 0o666  # what open() asks for; the umask then clears bits
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc on Linux, else by setting and at once restoring it."""
+    try:
+        with open(PROC_STATUS, "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # os.umask can only be read by replacing it; 077 keeps files other threads create meanwhile private.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file here: ``0o666 & ~umask`` (e.g. 0o644 under umask 022).
+
+    safetensors and ``tempfile.mkstemp`` create files as 0o600, which a ComfyUI running as another user
+    cannot read; chmod written files to this mode.
+    """
+    return OPEN_MODE & ~current_umask()
 
 
 def to_kohya_state_dict(lora: LoraWeights, *, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
@@ -97,6 +124,7 @@ def write_kohya_lora(
     os.close(handle)
     try:
         save_file(state_dict, tmp_name, metadata=header)
+        os.chmod(tmp_name, default_file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):

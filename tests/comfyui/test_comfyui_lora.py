@@ -152,10 +152,27 @@ def test_metadata_segments_reach_the_schedule(peft_case: dict, node_classes, lor
     assert "segments 4" in report
     assert patched.model_options["mlcm"]["segments"] == 4
     assert patched.model_options["mlcm"]["recommended_steps"] == [2, 4]
+    assert patched.model_options["mlcm"]["supported_steps"] is None
     schedule = node_classes["MLCMSegmentSchedule"]
     text = schedule.execute(model=patched, steps=4, segments=0, selection="official", denoise=1.0).args[1]
     assert text == "999, 749, 499, 249"  # linspace(999, 0, 5): all four boundaries of a 4-segment LoRA
     with pytest.raises(ValueError, match="exceeds segments=4"):
+        schedule.execute(model=patched, steps=5, segments=0, selection="official", denoise=1.0)
+
+
+def test_metadata_supported_steps_reach_the_schedule(peft_case: dict, node_classes, loras_dir: Path) -> None:
+    write_kohya_lora(
+        loras_dir / "mlcm_1to4.safetensors",
+        read_lora(peft_case["folder"]),
+        metadata=MLCMLoraMetadata(segments=8, base_family="sd15", supported_steps=(1, 2, 3, 4)),
+        dtype=torch.float32,
+    )
+    patched, _ = load(node_classes, peft_case["patcher"], "mlcm_1to4.safetensors")
+    assert patched.model_options["mlcm"]["supported_steps"] == [1, 2, 3, 4]
+    schedule = node_classes["MLCMSegmentSchedule"]
+    text = schedule.execute(model=patched, steps=4, segments=0, selection="official", denoise=1.0).args[1]
+    assert text == "999, 749, 499, 124"
+    with pytest.raises(ValueError, match="this LoRA supports 1-4 steps"):
         schedule.execute(model=patched, steps=5, segments=0, selection="official", denoise=1.0)
 
 

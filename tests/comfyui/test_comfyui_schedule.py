@@ -91,6 +91,20 @@ def test_auto_segments_come_from_the_lora_metadata(schedule: type, model: object
     assert "mlcm" not in model.model_options, "clone() must not leak the metadata into the original"
 
 
+def test_the_lora_supported_steps_limit_auto_segments(schedule: type, model: object) -> None:
+    patched = model.clone()
+    patched.model_options["mlcm"] = {"segments": 8, "supported_steps": [1, 2, 3, 4]}
+    assert run(schedule, patched, 4)[1] == "999, 749, 499, 124"
+    with pytest.raises(ValueError, match=r"this LoRA supports 1-4 steps; use at most 4 steps"):
+        run(schedule, patched, 5)
+    assert run(schedule, patched, 5, segments=8)[1] == "999, 749, 499, 249, 124"  # explicit segments win
+    assert run(schedule, patched, 6, selection="lcm")[1].count(",") == 5  # lcm has no boundary limit
+    patched.model_options["mlcm"] = {"segments": None, "supported_steps": [2, 4, 6]}
+    assert run(schedule, patched, 6)[1] == "999, 749, 499, 374, 249, 124"
+    with pytest.raises(ValueError, match=r"this LoRA supports 2, 4, 6 steps"):
+        run(schedule, patched, 8)
+
+
 @pytest.mark.parametrize(
     ("sampling", "message"),
     [("lcm", "sampling='lcm'"), ("x0", "discrete-time eps or v-prediction")],
