@@ -26,6 +26,9 @@ EXPORT_FORMATS = ("kohya", "peft", "diffusers")
 REWARD_LOSSES = ("hinge", "maximise")
 KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
 HELDOUT_FD = "fd"  # the held-out spec prefix that selects the demo's Frechet distance
+# The official LoRA never sets lora_alpha, so PEFT's default 8 applies: scale 8 / 64 = 0.125 at rank 64
+# (docs/method.md, "The LoRA and its scale").
+OFFICIAL_LORA_ALPHA = 8.0
 # T of the SD1.5/SDXL DDPM schedule, for checks made before the teacher is loaded; the losses re-check the
 # segment widths against the teacher's own schedule.
 TRAIN_TIMESTEPS = 1000
@@ -228,7 +231,11 @@ class DistillConfig(RunConfig):
     # --- LoRA ---
     lora_rank: int = option(64, "LoRA rank (official: 64)", "N")
     lora_alpha: float | None = option(
-        None, "LoRA alpha; scale = alpha / rank (default: rank, scale 1.0; the official release: 8)", "F"
+        OFFICIAL_LORA_ALPHA,
+        "LoRA alpha; the applied weight is (alpha / rank) * B @ A. 8 at rank 64 is the official scale 0.125, "
+        "the scale the paper's learning rates belong to: with AdamW the step of the applied weight grows "
+        "with the scale, so a larger scale wants a proportionally smaller lr. none = rank (scale 1.0)",
+        "F",
     )
     lora_targets: tuple[str, ...] = option(
         LORA_TARGET_MODULES, "UNet module patterns (the official 14)", "LIST"
@@ -241,7 +248,7 @@ class DistillConfig(RunConfig):
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
-            # Frozen dataclass: resolve the default once here so alpha is explicit everywhere after.
+            # Frozen dataclass: resolve "none" (= rank) once here so alpha is explicit everywhere after.
             object.__setattr__(self, "lora_alpha", float(self.lora_rank))
         super().__post_init__()
 

@@ -65,7 +65,7 @@ def test_dry_run_prints_resolved_config(capsys, tmp_path):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     config = DistillConfig.from_dict(printed)
-    assert config.lora_rank == 32 and config.lora_alpha == 32.0  # alpha resolved explicitly
+    assert config.lora_rank == 32 and config.lora_alpha == 8.0  # PEFT's / the official alpha
     assert config.stages == (1,) and config.segments == 8 and config.skip == 20
     assert config.guidance_scale == 8.0 and config.lr_stage1 == 1e-4 and config.lr_stage2 == 1e-5
     assert config.loss_type == "l2" and config.ema_decay is None
@@ -107,12 +107,12 @@ def test_missing_teacher_or_prompts(capsys):
 
 def test_config_hash_is_stable_and_ignores_bookkeeping():
     a = DistillConfig(teacher="t", prompts="p")
-    assert a.config_hash() == DistillConfig(teacher="t", prompts="p", lora_alpha=64.0).config_hash()
+    assert a.config_hash() == DistillConfig(teacher="t", prompts="p", lora_alpha=8.0).config_hash()
     assert (
         a.config_hash()
         == a.replace(output_dir="elsewhere", checkpoint_every=7, tensorboard=True).config_hash()
     )
-    assert a.config_hash() != a.replace(lora_alpha=8.0).config_hash()
+    assert a.config_hash() != a.replace(lora_alpha=64.0).config_hash()
     assert a.config_hash() == DistillConfig.from_dict(json.loads(a.to_json())).config_hash()
     assert len(a.config_hash()) == 16
 
@@ -165,3 +165,15 @@ def test_help_never_names_issues_or_files_outside_the_repository(capsys):
             main([name, "--help"])
         text = capsys.readouterr().out
         assert "issue" not in text.lower() and "MLCM_METHOD" not in text, name
+
+
+def test_defaults_are_the_published_recipe():
+    """Rank 64, alpha 8 (scale 0.125, the official LoRA's), lr 1e-4 then 1e-5, CFG 8, 8 segments, skip 20."""
+    config = resolve_config(build_parser().parse_args(["distill", "--teacher", "t", "--prompts", "p"]))
+    assert (config.lora_rank, config.lora_alpha, config.lora_alpha / config.lora_rank) == (64, 8.0, 0.125)
+    assert (config.lr_stage1, config.lr_stage2, config.guidance_scale) == (1e-4, 1e-5, 8.0)
+    assert (config.segments, config.skip, config.stages, config.stage1_steps, config.stage2_steps) == (
+        8, 20, (1, 2), 12000, 2000,
+    )  # fmt: skip
+    none = resolve_config(build_parser().parse_args(["distill", "--lora-alpha", "none", "--lora-rank", "16"]))
+    assert none.lora_alpha == 16.0  # "none" = rank, recorded explicitly

@@ -34,7 +34,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     common = [
         "--teacher", str(teacher), "--prompts", str(prompts), "--stages", "1,2", "--stage1-steps", "1",
         "--stage2-steps", "1", "--stage2-renoise", "fresh", "--stage2-q", "2", "--stage2-p", "1",
-        "--lora-rank", "4", "--sample-every", "0", "--checkpoint-every", "100",
+        "--lora-rank", "4", "--lora-alpha", "4", "--sample-every", "0", "--checkpoint-every", "100",
     ]  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     one = _distill([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")], 1, root, 0)

@@ -120,6 +120,7 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
         lr_stage1=settings.lr_stage1,
         lr_stage2=settings.lr_stage2,
         lora_rank=settings.lora_rank,
+        lora_alpha=float(settings.lora_rank),  # the demo's own recipe: scale 1.0 (its lr was tuned at it)
         batch_size=settings.batch_size,
         mixed_precision="no",
         seed=settings.seed,
