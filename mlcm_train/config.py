@@ -23,7 +23,7 @@ from mlcm_train.method.settings import LOSS_TYPES, RENOISE_MODES, DistillSetting
 LORA_TARGET_MODULES = TARGET_MODULE_PATTERNS
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 EXPORT_FORMATS = ("kohya", "peft", "diffusers")
-REWARD_LOSSES = ("hinge", "maximise")
+REWARD_LOSSES = ("auto", "hinge", "maximise")
 KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
 HELDOUT_FD = "fd"  # the held-out spec prefix that selects the demo's Frechet distance
 # The official LoRA never sets lora_alpha, so PEFT's default 8 applies: scale 8 / 64 = 0.125 at rank 64
@@ -335,9 +335,14 @@ class RewardConfig(RunConfig):
         "", "NAME[*WEIGHT][=PATH], comma-separated for a weighted sum, e.g. hpsv2=/models/hps", "SPEC"
     )
     loss: str = option(
-        "hinge", "hinge (MPS-style, paper) or maximise (plain -score, DRaFT/AlignProp)", "{hinge,maximise}"
+        "auto",
+        "auto = maximise (no built-in scorer has a calibrated hinge margin), maximise (plain -score, "
+        "DRaFT/AlignProp), or hinge (the paper's, against another prompt; needs a scorer that reads the prompt)",
+        "{auto,hinge,maximise}",
     )
-    margin: float = option(16.0, "hinge margin on the positive score (paper, with the MPS scorer)", "F")
+    margin: float = option(
+        16.0, "hinge margin on the own-prompt score (the paper's 16 is calibrated to the MPS scorer)", "F"
+    )
     reward_weight: float = option(1.0, "multiplier of the reward loss (ReFL uses 1e-3)", "F")
     student_steps: tuple[int, ...] = option(
         (4,), "student step counts, one drawn per iteration (ours; paper q=4)", "LIST"
@@ -408,11 +413,6 @@ class RewardConfig(RunConfig):
                 raise ValueError(
                     f"step counts {too_many} exceed segments={self.segments}; use at most {self.segments} steps"
                 )
-        if self.loss == "hinge" and self.batch_size < 2:
-            raise ValueError(
-                "loss='hinge' scores each image against another prompt of its batch; use batch_size >= 2 "
-                "or loss='maximise'"
-            )
         if self.keep_best in ("guarded", "heldout") and self.heldout is None:
             raise ValueError(
                 f"keep_best={self.keep_best!r} needs a held-out measure; pass --heldout (a second reward or "

@@ -1,7 +1,6 @@
 """The reward stage under two-process CPU data parallel (gloo): it matches one process at the same global batch
-(maximisation, no anchor: both are per-sample), and runs with the hinge and the anchor (two backward passes
-per step, only the second synchronised). The hinge's other prompt and the anchor's boundary draw are per
-micro-batch, so those runs are not expected to equal a one-process run."""
+(maximisation, no anchor: both are per-sample), and runs with the anchor (two backward passes per step, only
+the second synchronised)."""
 
 from __future__ import annotations
 
@@ -40,8 +39,8 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
             stages=(1,),
             stage1_steps=1,
             batch_size=2,
-            lora_alpha=4.0,  # scale 1.0, at which the tolerance below was set
             lora_rank=4,
+            lora_alpha=4.0,  # scale 1.0, at which the tolerance below was set
             sample_every=0,
         )
     )
@@ -68,9 +67,9 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     for name in a:
         # Same samples, same mean gradient; only the all-reduce's summation order differs.
         assert (a[name] - b[name]).abs().max().item() < 0.05 * moved, name
-    anchored = ["--loss", "hinge", "--margin", "1", "--anchor-weight", "1", "--iterations", "1"]
+    anchored = ["--loss", "maximise", "--anchor-weight", "1", "--iterations", "1"]
     run = _reward(
-        [*common, *anchored, "--batch-size", "2", "--output-dir", str(tmp_path / "hinge")], 2, root, 29615
+        [*common, *anchored, "--batch-size", "2", "--output-dir", str(tmp_path / "anchored")], 2, root, 29615
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "hinge" / "export" / "mlcm_sd15_8seg_reward.safetensors").is_file()
+    assert (tmp_path / "anchored" / "export" / "mlcm_sd15_8seg_reward.safetensors").is_file()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlcm_train.config import RewardConfig
-from mlcm_train.method.reward_loss import hinge_loss, maximise_loss, reward_loss, rolled_prompts
+from mlcm_train.method.reward_loss import hinge_loss, maximise_loss, other_prompts, reward_loss
 from mlcm_train.reward.interface import WeightedReward
 from mlcm_train.reward.models import BrightnessReward, parse_reward_specs
 
@@ -34,8 +34,12 @@ def test_maximise_is_negative_mean():
     assert maximise_loss(torch.tensor([1.0, 2.0, 6.0])).item() == pytest.approx(-3.0)
 
 
-def test_rolled_prompts_give_each_image_the_next_prompt():
-    assert rolled_prompts(["a", "b", "c"]) == ["b", "c", "a"]
+def test_other_prompts_differ_from_the_images_own():
+    assert other_prompts(["a", "b", "c"]) == ["b", "c", "a"]  # all differ: the batch rolled by one
+    assert other_prompts(["a", "a", "b"]) == ["b", "b", "a"]  # a repeated prompt is never its own "other"
+    assert other_prompts(["a", "a"], pool=["a", "z"]) == ["z", "z"]  # else from the run's prompts
+    with pytest.raises(ValueError, match="at least two different prompts"):
+        other_prompts(["a", "a"], pool=["a"])
 
 
 def test_reward_loss_hinge_scores_the_rolled_prompt():
@@ -47,9 +51,11 @@ def test_reward_loss_hinge_scores_the_rolled_prompt():
     assert stats["reward_other_prompt"] == pytest.approx(2.0)
 
 
-def test_reward_loss_hinge_refuses_a_single_image():
-    with pytest.raises(ValueError, match="at least 2 images"):
-        reward_loss(PromptLengthReward(), torch.zeros(1, 3, 4, 4), ["a"], loss="hinge")
+def test_reward_loss_hinge_of_a_single_image_scores_a_prompt_of_the_run():
+    loss, stats = reward_loss(
+        PromptLengthReward(), torch.zeros(1, 3, 4, 4), ["a"], loss="hinge", margin=2.0, pool=["a", "abc"]
+    )
+    assert stats["reward_other_prompt"] == pytest.approx(3.0) and loss.item() == pytest.approx(1 + 3)
 
 
 def test_weighted_sum_of_rewards():
@@ -86,14 +92,13 @@ def test_spec_parsing():
 def test_config_defaults_and_validation():
     config = RewardConfig(heldout="brightness")
     assert (config.lr, config.iterations, config.batch_size, config.margin) == (1e-5, 500, 8, 16.0)
+    assert config.loss == "auto"
     assert config.student_steps == (4,) and config.evaluated_steps == (4,)
     assert RewardConfig.from_dict(config.to_dict()) == config
     assert config.config_hash() == config.replace(output_dir="elsewhere").config_hash()
     assert config.config_hash() != config.replace(margin=2.0).config_hash()
     with pytest.raises(ValueError, match="needs a held-out measure"):
         RewardConfig()
-    with pytest.raises(ValueError, match="batch_size >= 2"):
-        RewardConfig(batch_size=1, keep_best="last")
     with pytest.raises(ValueError, match="exceed segments=4"):
         RewardConfig(segments=4, student_steps=(2, 8), keep_best="last")
     with pytest.raises(ValueError, match="unknown reward config keys"):

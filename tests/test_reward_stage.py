@@ -369,10 +369,67 @@ def test_sdxl_teacher_end_to_end(tmp_path):
         (teacher, prompts, None, distill.exported[0]),
         tmp_path / "run",
         iterations=2,
-        loss="hinge",
-        margin=1.0,
+        loss="auto",
     )
     result = train_reward(config)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     lora = read_lora(result.exported[0])
     assert lora.metadata.base_family == "sdxl" and lora.metadata.stages[-1] == "reward:brightness"
+
+
+def _default_loss_lora_gradient(distilled, spec, prompts):
+    """Sum |grad| on the LoRA of the reward loss a run uses by default for ``spec`` (2-step rollout)."""
+    from mlcm_train.reward.models import resolve_loss
+
+    teacher_dir, _, _, lora = distilled
+    teacher = load_teacher(teacher_dir)
+    params = attach_start_lora(teacher.unet, read_start_lora(lora), family=teacher.family)
+    reward = build_reward(spec)
+    cond = teacher.encode_prompts(prompts)
+    generator = torch.Generator().manual_seed(0)
+    shape = teacher.latent_shape(len(prompts))
+    noise, renoise = torch.randn(shape, generator=generator), [torch.randn(shape, generator=generator)]
+
+    def eps(z, t, c):
+        return teacher.unet(z, t, **c.unet_kwargs(), return_dict=False)[0]
+
+    x0 = student_rollout(
+        eps, noise, renoise, cond, timesteps=segment_timesteps(2, 8), alphas_cumprod=teacher.alphas_cumprod
+    )
+    loss, _ = reward_loss(reward, decode_latents(teacher.vae, x0), prompts, loss=resolve_loss("auto", reward))
+    loss.backward()
+    return sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["clip", "pickscore", "hpsv2", "aesthetic", "classifier", "brightness"])
+def test_every_built_in_scorer_trains_the_lora_with_its_default_loss(distilled, tmp_path, name):
+    from tiny_reward_models import make_tiny_aesthetic, make_tiny_classifier, make_tiny_clip
+
+    from mlcm_train.data import digits as data
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    folders = {
+        "clip": clip,
+        "pickscore": clip,
+        "hpsv2": clip,
+        "aesthetic": make_tiny_aesthetic(tmp_path / "aesthetic", clip),
+        "classifier": make_tiny_classifier(tmp_path / "classifier"),
+    }
+    spec = f"{name}={folders[name]}" if name in folders else name
+    prompts = [data.caption(7, 0), data.caption(1, 2)] if name == "classifier" else ["a red cat", "a dog"]
+    assert _default_loss_lora_gradient(distilled, spec, prompts) > 0
+
+
+def test_the_paper_hinge_cannot_train_a_prompt_independent_scorer_and_is_refused(distilled, tmp_path):
+    from mlcm_train.method.reward_loss import hinge_loss
+    from mlcm_train.reward.models import resolve_loss
+
+    images = torch.rand(2, 3, 16, 16, requires_grad=True)
+    scores = build_reward("brightness")(images, ["a", "b"])  # in [0, 1]: inside the margin 16
+    hinge_loss(scores, scores, 16.0).backward()  # relu(16 - s) + relu(s) = 16 for any s: no gradient
+    assert float(images.grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="ignores the prompt"):
+        resolve_loss("hinge", build_reward("brightness"))
+    with pytest.raises(ValueError, match="ignores the prompt"):
+        train_reward(tiny_reward_config(distilled, tmp_path / "run", loss="hinge"))
+    assert resolve_loss("auto", build_reward("brightness")) == "maximise"

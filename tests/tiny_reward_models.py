@@ -40,3 +40,31 @@ def make_tiny_clip(folder):
     model.save_pretrained(folder, safe_serialization=True)
     make_tiny_tokenizer(folder)
     return folder
+
+
+def make_tiny_aesthetic(folder, clip_folder):
+    """A random LAION aesthetic head beside a link to a tiny CLIP (the ``aesthetic=`` reward's layout)."""
+    from safetensors.torch import save_file
+
+    from mlcm_train.eval.aesthetic import AestheticHead
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "clip").symlink_to(clip_folder, target_is_directory=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        head = AestheticHead(TINY_PROJECTION)
+    save_file(head.state_dict(), str(folder / "sac+logos+ava1-l14-linearMSE.safetensors"))
+    return folder
+
+
+def make_tiny_classifier(folder):
+    """A random coloured-digits classifier saved as the demo ships it (the ``classifier=`` reward)."""
+    from mlcm_train.demo.classifier_train import ClassifierRecipe, save_classifier
+    from mlcm_train.eval.digits import DigitClassifier
+
+    recipe = ClassifierRecipe(channels=(4, 4, 4), features=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = DigitClassifier(recipe.channels, recipe.features)
+    save_classifier(model, folder, recipe)
+    return folder

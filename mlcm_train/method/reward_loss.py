@@ -35,10 +35,22 @@ def maximise_loss(scores: Tensor) -> Tensor:
     return -scores.mean()
 
 
-def rolled_prompts(prompts: Sequence[str]) -> list[str]:
-    """Each image's "other prompt": the batch's prompts rolled by one (the next image's prompt)."""
+def other_prompts(prompts: Sequence[str], pool: Sequence[str] = ()) -> list[str]:
+    """Each image's "other prompt" for the hinge: the next prompt of the batch that differs from its own
+    (the batch rolled by one when all differ), else the first differing prompt of ``pool``."""
     prompts = list(prompts)
-    return prompts[1:] + prompts[:1]
+    count = len(prompts)
+    chosen = []
+    for i, own in enumerate(prompts):
+        candidates = [prompts[(i + k) % count] for k in range(1, count)] + list(pool)
+        other = next((p for p in candidates if p != own), None)
+        if other is None:
+            raise ValueError(
+                f"the hinge loss needs a prompt other than {own!r} to score the image against; give the run "
+                "at least two different prompts, or use --loss maximise"
+            )
+        chosen.append(other)
+    return chosen
 
 
 def reward_loss(
@@ -48,8 +60,12 @@ def reward_loss(
     *,
     loss: str,
     margin: float = PAPER_MARGIN,
+    pool: Sequence[str] = (),
 ) -> tuple[Tensor, dict[str, float]]:
-    """The reward loss of a batch of images in [0, 1] and its monitoring numbers (mean score, hinge parts)."""
+    """The reward loss of a batch of images in [0, 1] and its monitoring numbers (mean score, hinge parts).
+
+    ``pool``: prompts to draw a hinge's other prompt from when the batch has no prompt but the image's own.
+    """
     batch = images.shape[0]
     scores = check_scores(reward.name, reward(images, prompts), batch)
     if loss == "maximise":
@@ -57,11 +73,7 @@ def reward_loss(
         return value, {"reward": float(scores.detach().mean()), "reward_loss": float(value.detach())}
     if loss != "hinge":
         raise ValueError(f"loss={loss!r} is unknown; choose hinge or maximise")
-    if batch < 2:
-        raise ValueError(
-            "the hinge loss needs at least 2 images per batch (the other prompt comes from the batch)"
-        )
-    negative = check_scores(reward.name, reward(images, rolled_prompts(prompts)), batch)
+    negative = check_scores(reward.name, reward(images, other_prompts(prompts, pool)), batch)
     value = hinge_loss(scores, negative, margin)
     return value, {
         "reward": float(scores.detach().mean()),

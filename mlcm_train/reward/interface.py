@@ -22,6 +22,9 @@ class Reward(Protocol):
     """A differentiable preference score: ``reward(images, prompts) -> (B,) float32``."""
 
     name: str
+    prompt_dependent: (
+        bool  # False when the score ignores the prompt (then a hinge against another prompt cancels)
+    )
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
 
@@ -48,6 +51,10 @@ class WeightedReward:
     @property
     def name(self) -> str:
         return weighted_name((r.name, w) for w, r in self.parts)
+
+    @property
+    def prompt_dependent(self) -> bool:
+        return any(r.prompt_dependent for _, r in self.parts)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return sum(w * check_scores(r.name, r(images, prompts), images.shape[0]) for w, r in self.parts)

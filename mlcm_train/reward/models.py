@@ -77,6 +77,19 @@ def reward_spec_name(text: str) -> str:
     return weighted_name((spec.name, spec.weight) for spec in parse_reward_specs(text))
 
 
+def resolve_loss(loss: str, reward: Reward) -> str:
+    """The reward loss a run uses: ``auto`` is plain maximisation, because no built-in scorer has a
+    calibrated hinge margin (the paper's 16 belongs to the MPS scorer, arXiv 2406.05768v6, Eq. 11); the
+    hinge is refused for a scorer that ignores the prompt, where its two terms cancel and nothing trains."""
+    if loss == "hinge" and not reward.prompt_dependent:
+        raise ValueError(
+            f"--loss hinge scores each image for its own prompt against another prompt, but {reward.name!r} "
+            "ignores the prompt: the two terms cancel and the reward gradient is 0 between 0 and the margin. "
+            "Use --loss maximise (or auto, the default)"
+        )
+    return "maximise" if loss == "auto" else loss
+
+
 def build_reward(text: str, device: str | torch.device = "cpu") -> Reward:
     """The reward a spec names: a single reward, or a WeightedReward when it has several parts or a weight."""
     specs = parse_reward_specs(text)
@@ -93,6 +106,7 @@ class ClipReward:
     """CLIP score ``100 * max(cos(image, prompt), 0)`` of any local CLIP folder."""
 
     name = "clip"
+    prompt_dependent = True
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
         self.scorer = ClipScorer(_need(self.name, path, CLIP_FILES), device)
@@ -118,6 +132,7 @@ class HPSv2Reward:
     """HPSv2 / v2.1: ``cos(image, prompt)`` of the fine-tuned CLIP (hpsv2 ``img_score``: diag of image @ text)."""
 
     name = "hpsv2"
+    prompt_dependent = True
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
         expected = (f"{' or '.join(HPS_FILES)} (needs open_clip_torch)", "or a transformers CLIP folder")
@@ -176,6 +191,7 @@ class AestheticReward:
     """LAION aesthetic predictor v2 (about 1..10) on CLIP ViT-L/14 image embeddings; prompts are ignored."""
 
     name = "aesthetic"
+    prompt_dependent = False
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
         from mlcm_train.eval.aesthetic import HEAD_FILE, AestheticScorer
@@ -202,6 +218,7 @@ class ImageRewardReward:
     """ImageReward v1.0 through the package's differentiable ``score_gard`` (the ReFL path), normalised."""
 
     name = "imagereward"
+    prompt_dependent = True
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
         from mlcm_train.eval.image_reward import FILES, load_imagereward
@@ -223,6 +240,7 @@ class ClassifierReward:
     """The demo's tempered ``log p_T(digit | x) + log p_T(colour | x)`` of the caption's labels (<= 0)."""
 
     name = "classifier"
+    prompt_dependent = True
 
     def __init__(self, path: str | None, device: str | torch.device = "cpu") -> None:
         from mlcm_train.eval.digits import CONFIG_FILE, WEIGHTS_FILE, load_classifier
@@ -249,6 +267,7 @@ class BrightnessReward:
     """Mean Rec. 601 luminance of each image: a weights-free toy reward for tests and smoke runs."""
 
     name = "brightness"
+    prompt_dependent = False
 
     def __init__(self, path: str | None = None, device: str | torch.device = "cpu") -> None:
         if path is not None:

@@ -32,7 +32,7 @@ from mlcm_train.models.student import lora_state_dict
 from mlcm_train.models.vae import decode_latents
 from mlcm_train.reward.export import export_kept_lora, kept_lora
 from mlcm_train.reward.guard import RewardGuard, build_heldout
-from mlcm_train.reward.models import build_reward
+from mlcm_train.reward.models import build_reward, resolve_loss
 from mlcm_train.reward.recipe import anchor_settings, resolve_segments
 from mlcm_train.reward.start import StartLora, attach_start_lora, read_start_lora
 from mlcm_train.run.checkpoint import TrainState
@@ -63,6 +63,7 @@ def train_reward(
     run = Run.open(config, resume)
     start = read_start_lora(config.lora)
     reward = build_reward(config.reward, run.device)
+    resolve_loss(config.loss, reward)  # a hinge that cannot train fails here, before the teacher loads
     heldout = build_heldout(config.heldout, run.device) if config.heldout else None
     run.load()
     unet, vae = run.teacher.unet, run.teacher.vae
@@ -84,7 +85,7 @@ def train_reward(
     log.info(
         "reward %s (%s loss), student steps %s with gradients through the last %d, anchor weight %g",
         reward.name,
-        config.loss,
+        stage.loss,
         list(config.student_steps),
         config.grad_steps,
         config.anchor_weight,
@@ -102,6 +103,7 @@ class RewardStage:
         config = run.config
         self.run, self.roles, self.config, self.start = run, roles, config, start
         self.reward, self.guard = reward, guard
+        self.loss = resolve_loss(config.loss, reward)
         self.num_steps = len(run.teacher.alphas_cumprod)
         self.alphas_cumprod = run.alphas_cumprod
         self.segments = resolve_segments(config, start)
@@ -159,7 +161,7 @@ class RewardStage:
         images = self._rollout_images(self.roles.student, steps, generators, self.run.cond(indices))
         prompts = [self.run.prompts[i] for i in indices]
         loss, stats = reward_loss(
-            self.reward, images, prompts, loss=self.config.loss, margin=self.config.margin
+            self.reward, images, prompts, loss=self.loss, margin=self.config.margin, pool=self.run.prompts
         )
         return self.config.reward_weight * loss, {"steps": steps, **stats}
 
