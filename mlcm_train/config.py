@@ -139,6 +139,13 @@ class RunConfig(ConfigRecord):
         0, "every random draw (LoRA init, prompt order, noise, timesteps) derives from it", "N"
     )
     nan_patience: int = option(5, "stop after this many non-finite losses in a row (ours)", "N")
+    ddp_timeout: int = option(
+        3600,
+        "seconds a process waits for the others at a collective; covers the main process's sample grids, "
+        "evaluation and export (ours; torch's NCCL default is 600)",
+        "N",
+        bookkeeping=True,
+    )
 
     # --- run directory and bookkeeping (not part of config_hash) ---
     output_dir: str = option("runs/mlcm", "the run directory", "PATH", bookkeeping=True)
@@ -168,7 +175,16 @@ class RunConfig(ConfigRecord):
 
     def _validate(self) -> None:
         _check_at_least(
-            self, 1, ("batch_size", "gradient_accumulation", "nan_patience", "checkpoint_every", "log_every")
+            self,
+            1,
+            (
+                "batch_size",
+                "gradient_accumulation",
+                "nan_patience",
+                "checkpoint_every",
+                "log_every",
+                "ddp_timeout",
+            ),
         )
         _check_at_least(self, 1, ("sample_prompts",))
         _check_positive(self, ("adam_eps", "max_grad_norm"))

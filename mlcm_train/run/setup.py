@@ -37,15 +37,22 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: str):
-    """An Accelerator for this run (CPU, one GPU, or the processes of torchrun/accelerate launch)."""
+def make_accelerator(mixed_precision: str, timeout_s: int):
+    """An Accelerator for this run (CPU, one GPU, or the processes of torchrun/accelerate launch) whose process
+    group waits up to ``timeout_s`` seconds at a collective (set by a process's first Accelerator)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     # accelerate keeps one AcceleratorState per process; forget a previous run's precision so that several
     # runs can share a process (demo, tests). The distributed setup (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    # The main process alone writes sample grids, evaluations and exports while the others wait at the next
+    # collective; NCCL's default 10 minutes can be shorter than an SDXL grid or a long evaluation.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[timeout])
 
 
 def load_inputs(
@@ -84,7 +91,7 @@ class Run:
     def open(cls, config: RunConfig, resume: str | Path | None) -> Run:
         """The cheap part: accelerator, run directory and resume checks; no model is loaded yet."""
         mixed_precision = resolve_mixed_precision(config.mixed_precision)
-        accelerator = make_accelerator(mixed_precision)
+        accelerator = make_accelerator(mixed_precision, config.ddp_timeout)
         run_dir = Path(config.output_dir)
         saved = load_checkpoint(resume) if resume is not None else None
         if saved is None and list_checkpoints(run_dir):
@@ -118,7 +125,7 @@ class Run:
         mixed_precision = resolve_mixed_precision(config.mixed_precision)
         run = cls(
             config,
-            make_accelerator(mixed_precision),
+            make_accelerator(mixed_precision, config.ddp_timeout),
             Path(config.output_dir),
             None,
             WEIGHT_DTYPES[mixed_precision],
