@@ -146,3 +146,44 @@ def test_init_from_exported_lora_reproduces_the_student(trained, tmp_path):
     attach_lora(other, rank=2, alpha=2.0, targets=LORA_TARGET_MODULES)
     with pytest.raises(ValueError, match="--lora-rank 4"):
         load_lora_file(other, str(path), rank=2, alpha=2.0)
+
+
+def test_every_export_has_a_model_card_with_its_sampling_and_training_facts(trained, tmp_path):
+    _, _, unet, config, state = trained
+    (path,) = export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["kohya"])
+    card = path.with_suffix(".md").read_text(encoding="utf-8")
+    assert card.startswith(f"# {path.stem}\n") and "An MLCM LoRA for SD1.5" in card
+    assert "| segments | 8 |" in card and "| step counts | 1-8;" in card
+    assert "cfg 1.0" in card and "scheduler `mlcm_segments`" in card
+    assert f"rank {RANK}, alpha {ALPHA:g} (scale {ALPHA / RANK:g})" in card
+    assert "7 optimizer steps" in card and "3 prompts" in card and config.config_hash() in card
+
+
+def test_progressive_rounds_record_their_sampling_grid_and_step_counts():
+    from mlcm_train.distill import build_metadata
+
+    done = TrainState(global_step=3, phase=3, phase_step=0, cursor=0, family="sd15", prompt_count=3)
+    nested = DistillConfig(teacher="t", prompts="p", progressive=(8, 4, 2), stages=(1,))
+    meta = build_metadata(nested, done)
+    assert meta.segments == 8 and meta.supported_steps == (1, 2, 3, 4, 5, 6, 7, 8)
+    apart = DistillConfig(teacher="t", prompts="p", progressive=(8, 3), stages=(1,))  # 666, 333 are off the grid
+    meta = build_metadata(apart, done.__class__(2, 2, 0, 0, "sd15", 3))
+    assert meta.segments == 3 and meta.supported_steps == (1, 2, 3)
+    single = build_metadata(DistillConfig(teacher="t", prompts="p", segments=4), done)
+    assert single.segments == 4 and single.supported_steps == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_exported_files_follow_the_umask_like_any_new_file(trained, tmp_path, umask, mode):
+    import os
+    import stat
+
+    _, _, unet, config, state = trained
+    previous = os.umask(umask)
+    try:
+        written = export_distilled(lora_state_dict(unet), config, state, tmp_path, formats=["kohya", "peft"])
+    finally:
+        os.umask(previous)
+    files = [f for path in written for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file()]
+    assert any(f.name == "adapter_model.safetensors" for f in files)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {mode}

@@ -129,6 +129,9 @@ def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
     assert all("eval_reward@1" in r and "eval_heldout@2" in r for r in evals)
     assert any("anchor_loss" in r for r in rows)
     assert (tmp_path / "run" / "best" / "guard.json").is_file()
+    card = exported.with_suffix(".md").read_text(encoding="utf-8")
+    assert "## Reward stage" in card and "Reward `brightness` (maximise loss)" in card
+    assert "| reward@1 |" in card and "| heldout@2 |" in card  # before / kept, per step count
 
 
 def test_export_cli_rewrites_a_reward_checkpoint_or_its_kept_lora(distilled, tmp_path, capsys):

@@ -31,8 +31,10 @@ def test_progressive_rounds_run_in_sequence(sd15, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["segments"] for r in rows] == [8, 4]
     meta = read_lora(result.exported[0]).metadata
-    assert meta.segments == 4 and meta.stages == ("mlcd@8", "mlcd@4")
-    assert result.exported[0].name == "mlcm_sd15_4seg.safetensors"
+    # The 4-segment boundaries lie on the 8-segment grid: the LoRA is sampled there, at 1 to 8 steps.
+    assert meta.segments == 8 and meta.supported_steps == tuple(range(1, 9))
+    assert meta.stages == ("mlcd@8", "mlcd@4")
+    assert result.exported[0].name == "mlcm_sd15_8seg.safetensors"
 
 
 def test_ema_target_is_saved_and_lags_the_student(sd15, tmp_path):

@@ -40,6 +40,7 @@ def reward_metadata(
         segments=base.segments or segments,
         base_family=base.base_family or family,
         recommended_steps=base.recommended_steps,
+        supported_steps=base.supported_steps,
         stages=(*base.stages, STAGE_PREFIX + reward_name),
         training=training,
     )
@@ -83,13 +84,16 @@ def export_kept_lora(
     family: str,
     global_step: int,
     out_dir: str | Path,
+    loss: str | None = None,
 ) -> list[Path]:
-    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from."""
+    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from and the loss used."""
     kept_step = guard.best["step"] if guard.best is not None and config.keep_best != "last" else global_step
     facts: dict[str, Any] = {
         "global_step": global_step,
         "kept_step": kept_step,
         "keep_best": config.keep_best,
+        "reward_name": reward_name,
+        "loss": loss or config.loss,
     }
     if guard.history:
         kept = next((row for row in guard.history if row["step"] == kept_step), guard.history[-1])

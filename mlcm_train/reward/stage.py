@@ -245,4 +245,5 @@ class RewardStage:
             family=self.run.teacher.family,
             global_step=state.global_step,
             out_dir=self.run.run_dir / "export",
+            loss=self.loss,
         )

@@ -9,6 +9,7 @@ The distill and reward stages build the metadata; this module writes the files.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
+from mlcm.lora.write import default_file_mode
 from mlcm_train.config import EXPORT_FORMATS
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -89,8 +91,9 @@ def write_lora(
     source: str,
     record: dict[str, Any],
 ) -> list[Path]:
-    """Write ``<stem>.safetensors`` (kohya), ``<stem>_peft/``, ``<stem>_diffusers/`` as asked, and
-    ``<stem>.config.json`` (``record``: the recipe); ``source`` says where the weights come from."""
+    """Write ``<stem>.safetensors`` (kohya), ``<stem>_peft/``, ``<stem>_diffusers/`` as asked, plus
+    ``<stem>.config.json`` (``record``: the recipe) and the model card ``<stem>.md``; ``source`` says where
+    the weights come from. Returns the LoRA files and folders."""
     formats = check_export_formats(formats)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,4 +111,75 @@ def write_lora(
     (out_dir / f"{stem}.config.json").write_text(
         json.dumps(record, indent=2, sort_keys=True), encoding="utf-8"
     )
+    # The model card beside the files (not in the returned list, which holds what loaders load).
+    (out_dir / f"{stem}.md").write_text(model_card(stem, shape, meta), encoding="utf-8")
+    _readable_by_others(written)
     return written
+
+
+def _readable_by_others(paths: Sequence[Path]) -> None:
+    """Give every written file the mode ``open()`` would (safetensors writes 0600, which a ComfyUI running as
+    another user, in a container or on a shared server, cannot read)."""
+    mode = default_file_mode()
+    for path in paths:
+        for file in path.rglob("*") if path.is_dir() else (path,):
+            if file.is_file():
+                os.chmod(file, mode)
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+def model_card(stem: str, shape: LoraShape, meta: MLCMLoraMetadata) -> str:
+    """The Markdown card written beside every export: what the LoRA is, how to sample it, how it was trained."""
+    training = meta.training
+    config = training.get("config", {})
+    family = FAMILY_NAMES.get(meta.base_family or "", meta.base_family or "unknown")
+    steps = meta.supported_steps or (tuple(range(1, meta.segments + 1)) if meta.segments else ())
+    span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else ", ".join(map(str, steps)) or "unknown"
+    recommended = ", ".join(map(str, meta.recommended_steps or ())) or "any of those"
+    phases = ", ".join(
+        f"stage {stage}: {config.get(f'stage{stage}_steps')} steps at lr {config.get(f'lr_stage{stage}')}"
+        for stage in config.get("stages", ())
+    )
+    facts = [
+        ("base model", f"{family} (distilled from {config.get('teacher') or 'a teacher not recorded'})"),
+        ("segments", str(meta.segments)),
+        ("step counts", f"{span}; recommended {recommended}"),
+        ("sampling", "cfg 1.0 (the teacher's guidance is baked in; the negative prompt has no effect)"),
+        ("ComfyUI", "MLCM LoRA Loader (strength 1.0), then MLCM Segment Schedule + MLCM Sampler, or KSampler "
+         "with sampler `mlcm` and scheduler `mlcm_segments`"),
+        ("diffusers", "`MLCMScheduler` from `mlcm`, `guidance_scale=0`"),
+        ("LoRA", f"rank {shape.rank}, alpha {shape.alpha:g} (scale {shape.alpha / shape.rank:g}); the kohya "
+         "file carries the alpha per module, so stock loaders apply the trained scale"),
+        ("stages", ", ".join(meta.stages) or "none recorded"),
+        ("training", f"{training.get('global_step', '?')} optimizer steps ({phases or 'see the config'}); batch "
+         f"{config.get('batch_size', '?')} per device x {config.get('gradient_accumulation', 1)} accumulation; "
+         f"{training.get('prompt_count', '?')} prompts; teacher CFG {training.get('guidance_scale', '?')}"),
+        ("config hash", f"`{training.get('config_hash', '?')}` (the full recipe: `{stem}.config.json`)"),
+    ]  # fmt: skip
+    lines = [f"# {stem}", "", f"An MLCM LoRA for {family}, made with `python -m mlcm_train`.", ""]
+    lines += ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in facts)]
+    if training.get("reward"):
+        lines += ["", *_reward_card(training["reward"])]
+    return "\n".join(lines) + "\n"
+
+
+def _reward_card(reward: dict[str, Any]) -> list[str]:
+    """The reward stage's facts and, when it evaluated, its scores per step count before and after."""
+    config = reward.get("config", {})
+    lines = [
+        "## Reward stage",
+        "",
+        f"Reward `{reward.get('reward_name', '?')}` ({reward.get('loss', config.get('loss', '?'))} loss), "
+        f"{reward.get('global_step', '?')} "
+        f"optimizer steps; the exported weights are those of step {reward.get('kept_step', '?')} "
+        f"(keep-best rule `{reward.get('keep_best', '?')}`).",
+    ]
+    evaluations = reward.get("evaluations") or {}
+    first, kept = evaluations.get("first"), evaluations.get("kept")
+    if first and kept:
+        measures = sorted(k for k in first if "@" in k)
+        lines += ["", "| measure (at N steps) | before | kept |", "|---|---|---|"]
+        lines += [f"| {k} | {first[k]:.4g} | {kept[k]:.4g} |" for k in measures]
+    return lines
