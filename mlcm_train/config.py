@@ -22,6 +22,7 @@ from mlcm_train.method.settings import LOSS_TYPES, RENOISE_MODES, DistillSetting
 # The 14 UNet module patterns of the official MLCM/TLCM LoRA (docs/method.md, "The LoRA"), defined in mlcm.lora.
 LORA_TARGET_MODULES = TARGET_MODULE_PATTERNS
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 EXPORT_FORMATS = ("kohya", "peft", "diffusers")
 REWARD_LOSSES = ("auto", "hinge", "maximise")
 KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
@@ -129,6 +130,12 @@ class RunConfig(ConfigRecord):
     adam_weight_decay: float = option(0.0, "AdamW weight decay (diffusers LCM-LoRA value)", "F")
     adam_eps: float = option(1e-8, "AdamW epsilon", "F")
     max_grad_norm: float = option(1.0, "gradient-norm clip (diffusers LCM scripts)", "F")
+    optimizer: str = option(
+        "adamw",
+        "adamw (torch) or adamw8bit: AdamW with 8-bit moments, a quarter of the optimizer memory "
+        "(bitsandbytes when installed, else torchao)",
+        "{adamw,adamw8bit}",
+    )
     mixed_precision: str = option(
         "auto", "auto (bf16 on CUDA when supported, else fp32), no, fp16 or bf16", "{auto,no,fp16,bf16}"
     )
@@ -153,6 +160,11 @@ class RunConfig(ConfigRecord):
     checkpoints_keep: int = option(3, "newest checkpoints kept; 0 keeps all", "N", bookkeeping=True)
     log_every: int = option(10, "optimizer steps between metrics.jsonl rows", "N", bookkeeping=True)
     tensorboard: bool = option(False, "also log to <run>/tensorboard", bookkeeping=True)
+    keep_text_encoders: bool = option(
+        False,
+        "keep the text encoders in memory after every prompt is encoded (by default they are freed then)",
+        bookkeeping=True,
+    )
     sample_every: int = option(
         1000, "optimizer steps between sample grids in <run>/samples; 0 = none", "N", bookkeeping=True
     )
@@ -189,6 +201,7 @@ class RunConfig(ConfigRecord):
         _check_at_least(self, 1, ("sample_prompts",))
         _check_positive(self, ("adam_eps", "max_grad_norm"))
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if not 0.0 <= self.adam_weight_decay < 1.0:
             raise ValueError(f"adam_weight_decay={self.adam_weight_decay} must be in [0, 1)")
         for name in ("adam_beta1", "adam_beta2"):

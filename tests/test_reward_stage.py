@@ -436,3 +436,15 @@ def test_the_paper_hinge_cannot_train_a_prompt_independent_scorer_and_is_refused
     with pytest.raises(ValueError, match="ignores the prompt"):
         train_reward(tiny_reward_config(distilled, tmp_path / "run", loss="hinge"))
     assert resolve_loss("auto", build_reward("brightness")) == "maximise"
+
+
+def test_heldout_prompts_are_encoded_before_the_text_encoders_are_released(distilled, tmp_path):
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("a blue bird\na green frog\n", encoding="utf-8")
+    config = tiny_reward_config(distilled, tmp_path / "run", iterations=1, heldout_prompts=str(heldout))
+    result = train_reward(config)
+    assert [row["step"] for row in result.evaluations] == [0, 1]
+    teacher = load_teacher(distilled[0])
+    assert teacher.release_text_encoders() > 0
+    with pytest.raises(ValueError, match="keep-text-encoders"):  # what a run's teacher says afterwards
+        teacher.encode_prompts(["a cat"])

@@ -185,3 +185,14 @@ def test_accumulation_and_checkpointing_match_one_big_batch(sd15, tmp_path):
     moved = max(t.abs().max().item() for k, t in a.items() if ".lora_B." in k)
     for name in a:
         assert (a[name] - b[name]).abs().max().item() < 0.05 * moved, name
+
+
+def test_text_encoders_are_released_after_encoding_unless_kept(sd15):
+    from mlcm_train.config import DistillConfig
+    from mlcm_train.run.setup import Run
+
+    teacher, prompts = sd15
+    released = Run.inputs_only(DistillConfig(teacher=str(teacher), prompts=str(prompts)))
+    assert released.teacher.text_encoders == () and len(released.cond([0, 1])) == 2
+    kept = Run.inputs_only(DistillConfig(teacher=str(teacher), prompts=str(prompts), keep_text_encoders=True))
+    assert len(kept.teacher.text_encoders) == 1

@@ -102,3 +102,63 @@ def test_stage2_run_starts_from_a_stage1_export(sd15, tmp_path):
     trained = load_checkpoint(tmp_path / "s1").lora
     for name, tensor in trained.items():
         torch.testing.assert_close(initial[name], tensor, atol=1e-3, rtol=1e-3)  # via the fp16 kohya file
+
+
+def test_8bit_adamw_trains_and_resumes_exactly(sd15, tmp_path):
+    """--optimizer adamw8bit: 8-bit moments in the optimizer state, the LoRA moves, resume is bit for bit."""
+    pytest.importorskip("torchao", reason="adamw8bit falls back to torchao's AdamW8bit on the CPU")
+    teacher, prompts = sd15
+
+    def config(name):
+        return tiny_config(
+            teacher, prompts, tmp_path / name, stages=(1,), stage1_steps=2, optimizer="adamw8bit"
+        )
+
+    straight = train_distill(config("straight"))
+    assert all(math.isfinite(loss) for loss in straight.losses)
+    moved = [p for n, p in straight.unet.named_parameters() if ".lora_B." in n]
+    assert any(p.abs().max() > 0 for p in moved)  # B starts at 0
+    train_distill(config("split"), stop_after=1)
+    train_distill(config("split"), resume=tmp_path / "split")
+    a, b = load_checkpoint(tmp_path / "straight").lora, load_checkpoint(tmp_path / "split").lora
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_adamw_keeps_8bit_moments_and_follows_adamw():
+    """On a tensor large enough to quantise (>= 4096 values, as bitsandbytes and torchao both require)."""
+    pytest.importorskip("torchao", reason="adamw8bit falls back to torchao's AdamW8bit on the CPU")
+    from mlcm_train.run.loop import adamw_class
+
+    start = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    params = {name: torch.nn.Parameter(start.clone()) for name in ("fp32", "8bit")}
+    optimizers = {
+        "fp32": torch.optim.AdamW([params["fp32"]], lr=1e-2),
+        "8bit": adamw_class("adamw8bit")([params["8bit"]], lr=1e-2),
+    }
+    for _ in range(3):
+        for name, optimizer in optimizers.items():
+            (params[name] ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    state = optimizers["8bit"].state[params["8bit"]]
+    moment = next(v for k, v in state.items() if k != "step")
+    assert moment.dtype != torch.float32 or type(moment) is not torch.Tensor  # quantised storage
+    torch.testing.assert_close(params["8bit"].detach(), params["fp32"].detach(), atol=2e-3, rtol=0)
+
+
+def test_unknown_8bit_backend_names_the_packages(monkeypatch):
+    import builtins
+
+    from mlcm_train.run.loop import adamw_class
+
+    real_import = builtins.__import__
+
+    def no_8bit(name, *args, **kwargs):
+        if name.startswith(("bitsandbytes", "torchao")):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_8bit)
+    with pytest.raises(ImportError, match="pip install bitsandbytes.*pip install torchao"):
+        adamw_class("adamw8bit")
+    assert adamw_class("adamw") is torch.optim.AdamW

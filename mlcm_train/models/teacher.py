@@ -88,7 +88,10 @@ class Teacher:
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a sequence of prompts, not one string; wrap it in a list")
         if not self.text_encoders:
-            raise ValueError("this Teacher was built without text encoders; load it with load_teacher")
+            raise ValueError(
+                "this Teacher has no text encoders: it was built without them, or a run released them once its "
+                "prompts were encoded (keep them with --keep-text-encoders)"
+            )
         if len(prompts) == 0:
             raise ValueError("encode_prompts got no prompts")
         hidden, pooled = [], None
@@ -110,6 +113,12 @@ class Teacher:
         if self.family == "sd15":
             return Conditioning(prompt_embeds)
         return Conditioning(prompt_embeds, pooled.to(self.dtype), self.time_ids(len(prompts), resolution))
+
+    def release_text_encoders(self) -> int:
+        """Drop the text encoders once every prompt is encoded; returns the bytes of weights released."""
+        released = sum(p.numel() * p.element_size() for e in self.text_encoders for p in e.parameters())
+        self.text_encoders = ()
+        return released
 
     def time_ids(self, batch_size: int, resolution: int | None = None) -> Tensor:
         """SDXL add_time_ids for an uncropped square image: (res, res, 0, 0, res, res) per sample."""

@@ -27,7 +27,6 @@ from mlcm_train.data.prompts import read_prompts
 from mlcm_train.method.consistency import stage2_loss
 from mlcm_train.method.reward_loss import reward_loss
 from mlcm_train.method.rollout import student_rollout
-from mlcm_train.models.embeddings import EmbeddingCache
 from mlcm_train.models.student import lora_state_dict
 from mlcm_train.models.vae import decode_latents
 from mlcm_train.reward.export import export_kept_lora, kept_lora
@@ -65,7 +64,7 @@ def train_reward(
     reward = build_reward(config.reward, run.device)
     resolve_loss(config.loss, reward)  # a hinge that cannot train fails here, before the teacher loads
     heldout = build_heldout(config.heldout, run.device) if config.heldout else None
-    run.load()
+    run.load(extra_prompts=read_prompts(config.heldout_prompts) if config.heldout_prompts else None)
     unet, vae = run.teacher.unet, run.teacher.vae
     params = attach_start_lora(
         unet,
@@ -113,11 +112,8 @@ class RewardStage:
         self.order = EpochOrder(len(run.prompts), config.seed, ROLLOUT_STREAM)
         self.phases = [Phase(0, config.iterations, config.lr, self.segments, f"reward {reward.name}")]
         self.eval_prompts, self.eval_embeddings = run.prompts, run.embeddings
-        if config.heldout_prompts:
-            self.eval_prompts = read_prompts(config.heldout_prompts)
-            self.eval_embeddings = EmbeddingCache(
-                run.teacher, self.eval_prompts, resolution=config.resolution
-            )
+        if run.extra_embeddings is not None:  # --heldout-prompts, encoded with the training prompts
+            self.eval_prompts, self.eval_embeddings = run.extra_embeddings.prompts, run.extra_embeddings
         self.eval_index = [i % len(self.eval_prompts) for i in range(config.eval_samples)]
         self.kept: dict[str, Tensor] | None = None
 

@@ -210,12 +210,30 @@ def _log_batch(run: Run) -> None:
 def _phase_optimizer(run: Run, params: Sequence[torch.nn.Parameter], phase: Phase) -> Any:
     config, saved = run.config, run.saved
     betas = (config.adam_beta1, config.adam_beta2)
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw_class(config.optimizer)(
         params, lr=phase.lr, betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_eps
     )
     if saved is not None and saved.state.phase == phase.index and saved.state.phase_step > 0:
         optimizer.load_state_dict(saved.optimizer)
     return run.accelerator.prepare_optimizer(optimizer)
+
+
+def adamw_class(name: str) -> type[torch.optim.Optimizer]:
+    """torch's AdamW, or an AdamW with 8-bit moments: bitsandbytes' when installed (the usual one on CUDA),
+    else torchao's (which also runs on the CPU)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        from bitsandbytes.optim import AdamW8bit
+    except ImportError:
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise ImportError(
+                "--optimizer adamw8bit needs bitsandbytes or torchao: `pip install bitsandbytes` (CUDA) or "
+                "`pip install torchao` (CUDA or CPU), or use --optimizer adamw"
+            ) from None
+    return AdamW8bit
 
 
 def _micro_batches(run: Run, phase_step: int) -> list[range]:

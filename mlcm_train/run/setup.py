@@ -85,6 +85,7 @@ class Run:
     prompts: list[str] = field(default_factory=list)
     embeddings: EmbeddingCache | None = None
     log: RunLog | None = None  # metrics.jsonl (+ TensorBoard), main process only
+    extra_embeddings: EmbeddingCache | None = None  # conditioning of prompts beside the training ones
     _uncond: Conditioning | None = None
 
     @classmethod
@@ -133,19 +134,28 @@ class Run:
         run.load_inputs()
         return run
 
-    def load(self) -> None:
-        """Write config.json, open the metrics log, then load the inputs."""
+    def load(self, extra_prompts: list[str] | None = None) -> None:
+        """Write config.json, open the metrics log, then load the inputs (see ``load_inputs``)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.config.to_json() + "\n", encoding="utf-8")
             self.log = RunLog(self.run_dir, tensorboard=self.config.tensorboard)
-        self.load_inputs()
+        self.load_inputs(extra_prompts)
 
-    def load_inputs(self) -> None:
-        """The teacher, the prompts and their text conditioning, and the CFG null condition."""
+    def load_inputs(self, extra_prompts: list[str] | None = None) -> None:
+        """The teacher, the prompts and their text conditioning (``extra_prompts``' too, e.g. an evaluation
+        set, in ``extra_embeddings``) and the CFG null condition; then the text encoders are released."""
         self.teacher, self.prompts, self.embeddings = load_inputs(self.config, self.device, self.weight_dtype)
+        resolution = self.config.resolution
+        if extra_prompts:
+            self.extra_embeddings = EmbeddingCache(self.teacher, extra_prompts, resolution=resolution)
         # SDXL's size conditioning names the run's resolution in the student, target and teacher alike.
-        self._uncond = self.teacher.uncond(1, self.config.resolution).to(self.device)
+        self._uncond = self.teacher.uncond(1, resolution).to(self.device)
+        if not self.config.keep_text_encoders:  # every prompt is encoded: the encoders' memory is the UNet's
+            released = self.teacher.release_text_encoders()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.info("released the text encoders (%.2f GB) after encoding the prompts", released / 2**30)
 
     def cond(self, indices: Any) -> Conditioning:
         """The cached text conditioning of prompts ``indices``, on the run's device."""
