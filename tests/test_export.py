@@ -166,8 +166,9 @@ def test_progressive_rounds_record_their_sampling_grid_and_step_counts():
     nested = DistillConfig(teacher="t", prompts="p", progressive=(8, 4, 2), stages=(1,))
     meta = build_metadata(nested, done)
     assert meta.segments == 8 and meta.supported_steps == (1, 2, 3, 4, 5, 6, 7, 8)
-    apart = DistillConfig(teacher="t", prompts="p", progressive=(8, 3), stages=(1,))  # 666, 333 are off the grid
-    meta = build_metadata(apart, done.__class__(2, 2, 0, 0, "sd15", 3))
+    # 3 segments put boundaries at 666 and 333, off the 8-segment grid: the last round's grid is kept.
+    apart = DistillConfig(teacher="t", prompts="p", progressive=(8, 3), stages=(1,))
+    meta = build_metadata(apart, TrainState(2, 2, 0, 0, "sd15", 3))
     assert meta.segments == 3 and meta.supported_steps == (1, 2, 3)
     single = build_metadata(DistillConfig(teacher="t", prompts="p", segments=4), done)
     assert single.segments == 4 and single.supported_steps == (1, 2, 3, 4)
