@@ -106,6 +106,8 @@ class _PhasePlan:
 class DistillStage:
     """The distill stage for the loop: one phase per (segments, stage), the loss of TLCM Eq. 7 or Eq. 9-10."""
 
+    extendable = False  # phase-boundary checkpoints hold each stage's LoRA (the demo reads them)
+
     def __init__(self, run: Run, roles: UnetRoles, timer: StepTimer) -> None:
         self.run, self.roles, self.config = run, roles, run.config
         self.student = timed(timer, "student_forward_backward", roles.student)

@@ -448,3 +448,18 @@ def test_heldout_prompts_are_encoded_before_the_text_encoders_are_released(disti
     assert teacher.release_text_encoders() > 0
     with pytest.raises(ValueError, match="keep-text-encoders"):  # what a run's teacher says afterwards
         teacher.encode_prompts(["a cat"])
+
+
+def test_a_finished_run_resumed_with_more_iterations_continues_it(distilled, tmp_path):
+    """The last phase stays open (checkpointed with its optimizer): 4 steps, then --iterations 8 on resume,
+    gives the LoRA of 8 steps straight, evaluations included."""
+    straight = train_reward(tiny_reward_config(distilled, tmp_path / "straight", iterations=8))
+    train_reward(tiny_reward_config(distilled, tmp_path / "split", iterations=4))
+    extended = train_reward(
+        tiny_reward_config(distilled, tmp_path / "split", iterations=8), resume=tmp_path / "split"
+    )
+    assert extended.state.global_step == 8 and len(extended.losses) == 4
+    assert [r["step"] for r in extended.evaluations] == [r["step"] for r in straight.evaluations]
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-0000008" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoints" / "step-0000008" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -98,6 +98,8 @@ def train_reward(
 class RewardStage:
     """The reward stage for the loop: one phase; per micro-batch the reward term, then the anchor term."""
 
+    extendable = True  # resuming a finished run with more --iterations continues it, moments included
+
     def __init__(self, run: Run, roles: UnetRoles, start: StartLora, reward: Any, guard: RewardGuard) -> None:
         config = run.config
         self.run, self.roles, self.config, self.start = run, roles, config, start

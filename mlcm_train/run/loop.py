@@ -57,6 +57,9 @@ class Stage(Protocol):
     """What a training stage supplies to the loop."""
 
     phases: list[Phase]
+    # True: the last phase stays open at the end (checkpointed with its optimizer), so a resume with more
+    # steps continues it; False: every phase ends at a boundary (the distill stages' rounds).
+    extendable: bool
 
     def terms(self, phase: Phase, samples: range, step: int) -> list[LossTerm]:
         """The loss terms of the micro-batch ``samples`` (global sample indices), one backward pass each."""
@@ -176,6 +179,10 @@ def train_loop(
                 )
         progress.close()
         stage.after_phase(phase)
+        if stage.extendable and phase is stage.phases[-1]:
+            # The run can be resumed with more steps: keep the phase open, with its optimizer.
+            checkpoint(optimizer)
+            break
         # 5. Phase boundary: the next phase starts with a fresh optimizer, so none is saved.
         state.phase += 1
         state.phase_step = 0
