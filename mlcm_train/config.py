@@ -35,9 +35,13 @@ OFFICIAL_LORA_ALPHA = 8.0
 TRAIN_TIMESTEPS = 1000
 
 
-def option(default: Any, help: str, metavar: str | None = None, *, bookkeeping: bool = False) -> Any:
-    """A config field with its flag's help text and metavar; ``bookkeeping`` fields stay out of the hash."""
-    metadata = {"help": help, "metavar": metavar, "bookkeeping": bookkeeping}
+def option(
+    default: Any, help: str, metavar: str | None = None, *, bookkeeping: bool = False, added: bool = False
+) -> Any:
+    """A config field with its flag's help text and metavar; ``bookkeeping`` fields stay out of the hash, and
+    ``added`` ones (introduced after runs were made without them) enter it only when set to a non-default
+    value, so an older run's recipe hash still matches when it resumes."""
+    metadata = {"help": help, "metavar": metavar, "bookkeeping": bookkeeping, "added": added}
     return field(default=default, metadata=metadata)
 
 
@@ -63,6 +67,7 @@ class ConfigRecord:
             f.name: _jsonable(getattr(self, f.name))
             for f in dataclasses.fields(self)
             if not f.metadata.get("bookkeeping")
+            and not (f.metadata.get("added") and getattr(self, f.name) == f.default)
         }
         payload = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -135,6 +140,7 @@ class RunConfig(ConfigRecord):
         "adamw (torch) or adamw8bit: AdamW with 8-bit moments, a quarter of the optimizer memory "
         "(bitsandbytes when installed, else torchao)",
         "{adamw,adamw8bit}",
+        added=True,
     )
     mixed_precision: str = option(
         "auto", "auto (bf16 on CUDA when supported, else fp32), no, fp16 or bf16", "{auto,no,fp16,bf16}"
@@ -333,6 +339,17 @@ class DistillConfig(RunConfig):
 
     def phase_lr(self, stage: int) -> float:
         return self.lr_stage1 if stage == 1 else self.lr_stage2
+
+    def sampling_grid(self, phase: int, phase_step: int) -> int:
+        """The segment count a LoRA of this run, at (phase, phase_step), is sampled on: the last started
+        phase's round; for progressive rounds whose boundaries all lie on the first round's (8, 4, 2), that
+        first, finest grid: every round trained consistency between some of its boundaries."""
+        plan = self.phases()
+        last = min(phase if phase_step > 0 else phase - 1, len(plan) - 1)
+        started = [segments for segments, _ in plan[: max(last, 0) + 1]]
+        grid = set(segment_boundaries(self.rounds[0], TRAIN_TIMESTEPS))
+        nested = all(set(segment_boundaries(m, TRAIN_TIMESTEPS)) <= grid for m in started)
+        return self.rounds[0] if nested else started[-1]
 
     def settings(self, segments: int, num_train_timesteps: int) -> DistillSettings:
         """The method values the losses take, for one round's segment count and the teacher's T."""

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mlcm.lora import MLCMLoraMetadata
 from mlcm.segments import segment_boundaries
-from mlcm_train.config import TRAIN_TIMESTEPS, DistillConfig
+from mlcm_train.config import DistillConfig
 from mlcm_train.data.order import EpochOrder, derive_seed, sample_generator
 from mlcm_train.data.trajectories import (
     TrajectoryDataset,
@@ -241,22 +241,9 @@ def completed_stages(config: DistillConfig, state: TrainState) -> tuple[str, ...
     return tuple(names)
 
 
-def sampling_grid(config: DistillConfig, state: TrainState) -> int:
-    """The segment count a LoRA of this run is sampled on: its round's; for progressive rounds whose
-    boundaries all lie on the first round's (8, 4, 2), that first, finest grid: every round trained
-    consistency between some of its boundaries, so every step count up to it is supported."""
-    plan = config.phases()
-    current = plan[min(state.phase, len(plan) - 1)][0]
-    finest = config.rounds[0]
-    grid = set(segment_boundaries(finest, TRAIN_TIMESTEPS))
-    trained = [m for m in config.rounds if m >= current]
-    nested = all(set(segment_boundaries(m, TRAIN_TIMESTEPS)) <= grid for m in trained)
-    return finest if nested else current
-
-
 def build_metadata(config: DistillConfig, state: TrainState) -> MLCMLoraMetadata:
     """Our safetensors metadata: segments, step counts, family, stages, prompt count, config hash, config."""
-    segments = sampling_grid(config, state)
+    segments = config.sampling_grid(state.phase, state.phase_step)
     return MLCMLoraMetadata(
         segments=segments,
         base_family=state.family,

@@ -188,3 +188,19 @@ def test_exported_files_follow_the_umask_like_any_new_file(trained, tmp_path, um
     files = [f for path in written for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file()]
     assert any(f.name == "adapter_model.safetensors" for f in files)
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {mode}
+
+
+def test_model_card_survives_evaluations_that_differ_between_rows():
+    from mlcm.lora import MLCMLoraMetadata
+    from mlcm_train.run.export import LoraShape, model_card
+
+    reward = {"evaluations": {"first": {"reward@2": 1.0, "reward@4": 2.0}, "kept": {"reward@4": 3.0}}}
+    meta = MLCMLoraMetadata(segments=8, base_family="sd15", training={"config": None, "reward": reward})
+    card = model_card("x", LoraShape(4, 8.0, ()), meta)
+    assert "| reward@4 | 2 | 3 |" in card and "reward@2" not in card
+
+
+def test_sampling_grid_of_a_phase_boundary_checkpoint_is_the_round_just_finished():
+    off_grid = DistillConfig(teacher="t", prompts="p", progressive=(8, 3), stages=(1, 2))
+    assert off_grid.sampling_grid(2, 0) == 8  # round 8 done (both stages), round 3 not started
+    assert off_grid.sampling_grid(2, 1) == 3  # round 3 started

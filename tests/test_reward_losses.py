@@ -111,3 +111,13 @@ def test_demo_reward_recipe():
     config = demo_reward_config("assets/demo", "p.txt", "lora.safetensors", "out", iterations=10)
     assert config.reward == "classifier=assets/demo" and config.heldout == "fd=assets/demo"
     assert config.evaluated_steps == (2, 4) and config.keep_best == "guarded" and config.iterations == 10
+
+
+def test_hinge_needs_every_weighted_part_to_read_the_prompt():
+    from mlcm_train.reward.models import resolve_loss
+
+    length, brightness = PromptLengthReward(), BrightnessReward()
+    assert resolve_loss("hinge", WeightedReward(((1.0, length), (0.0, brightness)))) == "hinge"
+    for mixed in (WeightedReward(((1.0, length), (1.0, brightness))), WeightedReward(((0.0, length),))):
+        with pytest.raises(ValueError, match="ignores the prompt"):
+            resolve_loss("hinge", mixed)

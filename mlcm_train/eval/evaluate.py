@@ -69,7 +69,9 @@ def generate_images(request: EvalRequest, prompts: list[str]) -> tuple[Tensor, f
         attach_lora(unet, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
         load_lora_state_dict(unet, saved.lora)
         unet.requires_grad_(False)
-        timesteps = segment_timesteps(request.steps, config.final_segments)
+        timesteps = segment_timesteps(
+            request.steps, config.sampling_grid(saved.state.phase, saved.state.phase_step)
+        )
 
         def sampler(z, c, u):
             return consistency_sample(eps, z, c, timesteps=timesteps, alphas_cumprod=acp, seed=request.seed)

@@ -131,7 +131,11 @@ def export_reward_checkpoint(
             "alpha and metadata go into the export. Put it back at that path and export again."
         ) from error
     lora, kept_step, rule = saved.lora, saved.state.global_step, "checkpoint"
-    facts: dict[str, Any] = {"global_step": saved.state.global_step}
+    facts: dict[str, Any] = {
+        "global_step": saved.state.global_step,
+        "reward_name": reward_spec_name(config.reward),
+        "loss": "maximise" if config.loss == "auto" else config.loss,
+    }
     if best:
         guard_file = run_dir / BEST_DIR / GUARD_FILE
         if not guard_file.is_file() or not (run_dir / BEST_DIR / BEST_LORA).is_file():

@@ -54,7 +54,9 @@ class WeightedReward:
 
     @property
     def prompt_dependent(self) -> bool:
-        return any(r.prompt_dependent for _, r in self.parts)
+        """True when every weighted part reads the prompt: a part that ignores it cancels out of the hinge."""
+        weighted = [r for w, r in self.parts if w != 0]
+        return bool(weighted) and all(getattr(r, "prompt_dependent", True) for r in weighted)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return sum(w * check_scores(r.name, r(images, prompts), images.shape[0]) for w, r in self.parts)

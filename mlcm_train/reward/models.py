@@ -81,11 +81,11 @@ def resolve_loss(loss: str, reward: Reward) -> str:
     """The reward loss a run uses: ``auto`` is plain maximisation, because no built-in scorer has a
     calibrated hinge margin (the paper's 16 belongs to the MPS scorer, arXiv 2406.05768v6, Eq. 11); the
     hinge is refused for a scorer that ignores the prompt, where its two terms cancel and nothing trains."""
-    if loss == "hinge" and not reward.prompt_dependent:
+    if loss == "hinge" and not getattr(reward, "prompt_dependent", True):  # a custom reward may not say
         raise ValueError(
             f"--loss hinge scores each image for its own prompt against another prompt, but {reward.name!r} "
-            "ignores the prompt: the two terms cancel and the reward gradient is 0 between 0 and the margin. "
-            "Use --loss maximise (or auto, the default)"
+            "ignores the prompt (or has a part that does): those terms cancel and their reward gradient is 0 "
+            "between 0 and the margin. Use --loss maximise (or auto, the default)"
         )
     return "maximise" if loss == "auto" else loss
 

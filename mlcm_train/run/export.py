@@ -9,6 +9,7 @@ The distill and reward stages build the metadata; this module writes the files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch
 from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
 from mlcm.lora.write import default_file_mode
 from mlcm_train.config import EXPORT_FORMATS
+
+log = logging.getLogger(__name__)
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -111,8 +114,12 @@ def write_lora(
     (out_dir / f"{stem}.config.json").write_text(
         json.dumps(record, indent=2, sort_keys=True), encoding="utf-8"
     )
-    # The model card beside the files (not in the returned list, which holds what loaders load).
-    (out_dir / f"{stem}.md").write_text(model_card(stem, shape, meta), encoding="utf-8")
+    # The model card beside the files (not in the returned list, which holds what loaders load). It is a
+    # description: a record it cannot read must not cost the user the LoRA files written above.
+    try:
+        (out_dir / f"{stem}.md").write_text(model_card(stem, shape, meta), encoding="utf-8")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        log.warning("no model card for %s: %s", stem, error)
     _readable_by_others(written)
     return written
 
@@ -133,7 +140,7 @@ FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 def model_card(stem: str, shape: LoraShape, meta: MLCMLoraMetadata) -> str:
     """The Markdown card written beside every export: what the LoRA is, how to sample it, how it was trained."""
     training = meta.training
-    config = training.get("config", {})
+    config = training.get("config") if isinstance(training.get("config"), dict) else {}
     family = FAMILY_NAMES.get(meta.base_family or "", meta.base_family or "unknown")
     steps = meta.supported_steps or (tuple(range(1, meta.segments + 1)) if meta.segments else ())
     span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else ", ".join(map(str, steps)) or "unknown"
@@ -167,7 +174,7 @@ def model_card(stem: str, shape: LoraShape, meta: MLCMLoraMetadata) -> str:
 
 def _reward_card(reward: dict[str, Any]) -> list[str]:
     """The reward stage's facts and, when it evaluated, its scores per step count before and after."""
-    config = reward.get("config", {})
+    config = reward.get("config") if isinstance(reward.get("config"), dict) else {}
     lines = [
         "## Reward stage",
         "",
@@ -178,8 +185,13 @@ def _reward_card(reward: dict[str, Any]) -> list[str]:
     ]
     evaluations = reward.get("evaluations") or {}
     first, kept = evaluations.get("first"), evaluations.get("kept")
-    if first and kept:
-        measures = sorted(k for k in first if "@" in k)
+    if isinstance(first, dict) and isinstance(kept, dict):
+        numbers = (int, float)
+        measures = sorted(
+            k
+            for k in first
+            if "@" in k and isinstance(first[k], numbers) and isinstance(kept.get(k), numbers)
+        )
         lines += ["", "| measure (at N steps) | before | kept |", "|---|---|---|"]
         lines += [f"| {k} | {first[k]:.4g} | {kept[k]:.4g} |" for k in measures]
     return lines

@@ -8,6 +8,7 @@ Both stages (``mlcm_train.distill``, ``mlcm_train.reward.stage``) open a run her
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,23 @@ def make_accelerator(mixed_precision: str, timeout_s: int):
     # collective; NCCL's default 10 minutes can be shorter than an SDXL grid or a long evaluation.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[timeout])
+
+
+def changed_recipe(config: RunConfig, saved: dict[str, Any]) -> list[str]:
+    """The weight-changing fields whose value differs from a saved config's; a field the saved config
+    predates counts as changed only when it is set to something other than its default."""
+    now = config.to_dict()
+    changed = []
+    for f in dataclasses.fields(config):
+        if f.metadata.get("bookkeeping"):
+            continue
+        if f.name in saved:
+            differs = saved[f.name] != now[f.name]
+        else:
+            differs = getattr(config, f.name) != f.default
+        if differs:
+            changed.append(f.name)
+    return changed
 
 
 def load_inputs(
@@ -101,7 +119,7 @@ class Run:
                 "or choose another --output-dir"
             )
         if saved is not None and saved.state.config_hash != config.config_hash():
-            changed = sorted(k for k, v in config.to_dict().items() if saved.config.get(k) != v)
+            changed = changed_recipe(config, saved.config)
             log.warning(
                 "resuming with a changed recipe (%s); the continuation will differ from an uninterrupted run",
                 ", ".join(changed),
