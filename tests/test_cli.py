@@ -177,3 +177,14 @@ def test_defaults_are_the_published_recipe():
     )  # fmt: skip
     none = resolve_config(build_parser().parse_args(["distill", "--lora-alpha", "none", "--lora-rank", "16"]))
     assert none.lora_alpha == 16.0  # "none" = rank, recorded explicitly
+
+
+def test_a_field_added_later_leaves_older_runs_hashes_and_warnings_alone():
+    from mlcm_train.run.setup import changed_recipe
+
+    config = DistillConfig(teacher="t", prompts="p")
+    older = {k: v for k, v in config.to_dict().items() if k not in ("optimizer", "ddp_timeout")}
+    assert config.config_hash() == DistillConfig.from_dict(older).config_hash()
+    assert config.config_hash() != config.replace(optimizer="adamw8bit").config_hash()
+    assert changed_recipe(config, older) == []
+    assert set(changed_recipe(config.replace(optimizer="adamw8bit", skip=10), older)) == {"skip", "optimizer"}
