@@ -164,11 +164,26 @@ def _run_distill(args: argparse.Namespace) -> int:
         raise ValueError("no prompts given; pass --prompts FILE (one prompt a line) or a folder of captions")
     if args.dry_run:
         sys.stdout.write(config.to_json() + "\n")
+        _log_plan(config)
         return 0
     from mlcm_train.distill import train_distill
 
     train_distill(config, resume=args.resume, stop_after=args.stop_after)
     return 0
+
+
+def _log_plan(config: DistillConfig) -> None:
+    """What the run holds besides activations (stderr; stdout stays the config JSON)."""
+    from mlcm_train.run.plan import plan_weights
+    from mlcm_train.run.setup import resolve_mixed_precision
+
+    try:
+        plan = plan_weights(config, resolve_mixed_precision(config.mixed_precision))
+    except (OSError, ValueError) as error:
+        log.warning("no memory plan: cannot read the teacher's configuration (%s)", error)
+        return
+    for line in plan.lines():
+        log.info("plan: %s", line)
 
 
 def _run_trajectories(args: argparse.Namespace) -> int:
