@@ -202,9 +202,9 @@ class RunConfig(ConfigRecord):
                 "checkpoint_every",
                 "log_every",
                 "ddp_timeout",
+                "sample_prompts",
             ),
         )
-        _check_at_least(self, 1, ("sample_prompts",))
         _check_positive(self, ("adam_eps", "max_grad_norm"))
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -289,8 +289,9 @@ class DistillConfig(RunConfig):
 
     def _validate(self) -> None:
         super()._validate()
-        _check_at_least(self, 1, ("segments", "skip", "stage1_steps", "stage2_steps", "stage2_q", "stage2_p"))
-        _check_at_least(self, 1, ("lora_rank",))
+        _check_at_least(
+            self, 1, ("segments", "skip", "stage1_steps", "stage2_steps", "stage2_q", "stage2_p", "lora_rank")
+        )
         _check_positive(self, ("lr_stage1", "lr_stage2", "lora_alpha", "huber_c"))
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
@@ -441,8 +442,9 @@ class RewardConfig(RunConfig):
 
     def _validate(self) -> None:
         super()._validate()
-        _check_at_least(self, 1, ("grad_steps", "anchor_q", "anchor_p", "iterations", "eval_every"))
-        _check_at_least(self, 1, ("eval_samples",))
+        _check_at_least(
+            self, 1, ("grad_steps", "anchor_q", "anchor_p", "iterations", "eval_every", "eval_samples")
+        )
         _check_positive(self, ("lr",))
         _check_at_least(self, 0, ("anchor_weight", "reward_weight"))
         check_choice("loss", self.loss, REWARD_LOSSES)

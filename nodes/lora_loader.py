@@ -18,14 +18,20 @@ import comfy.supported_models
 import folder_paths
 from comfy_api.latest import io
 
-from ..mlcm.lora import LoraWeights, detect_family, locate_lora_files, read_lora, to_kohya_state_dict
+from ..mlcm.lora import (
+    FAMILY_NAMES,
+    LoraWeights,
+    detect_family,
+    locate_lora_files,
+    read_lora,
+    to_kohya_state_dict,
+)
 from .schedule import MODEL_OPTIONS_KEY
 
 logger = logging.getLogger(__name__)
 
 # Parsed LoRAs kept in memory; an SDXL MLCM LoRA is ~400 MB, so keep only the last few.
 CACHE_SIZE = 2
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 UNMAPPED_SHOWN = 5
 
 _cache: OrderedDict[tuple, LoraWeights] = OrderedDict()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .family import detect_family
+from .family import FAMILY_NAMES, detect_family
 from .keys import TARGET_MODULE_PATTERNS, is_target_module, kohya_name, kohya_name_index
 from .metadata import MLCMLoraMetadata
 from .modules import LoraModule, LoraWeights
@@ -16,6 +16,7 @@ __all__ = [
     "LoraModule",
     "LoraWeights",
     "MLCMLoraMetadata",
+    "FAMILY_NAMES",
     "detect_family",
     "is_target_module",
     "kohya_name",

@@ -10,6 +10,8 @@ from .modules import LoraModule, LoraWeights
 
 logger = logging.getLogger(__name__)
 
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}  # how messages and model cards name the families
+
 # Cross-attention key/value projections take text-encoder features: CLIP ViT-L/14 gives 768 (SD1.5),
 # CLIP ViT-L + OpenCLIP bigG concatenated give 2048 (SDXL) (the published UNet configs' cross_attention_dim).
 CROSS_ATTENTION_DIM_FAMILY = {768: "sd15", 2048: "sdxl"}

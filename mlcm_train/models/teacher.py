@@ -183,14 +183,19 @@ def _scheduler_config(folder: Path) -> dict:
     return _read_json(path)
 
 
-def _folder_family(folder: Path) -> str:
+def unet_config_family(unet_config: dict) -> str:
     """'sdxl' when the UNet takes SDXL's added text/time conditioning, else 'sd15'."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def folder_unet_config(folder: Path) -> dict:
+    """The UNet config of a diffusers folder; a missing one says the folder is incomplete."""
     unet_config = folder / "unet" / "config.json"
     if not unet_config.is_file():
         raise FileNotFoundError(
             f"{unet_config} is missing; {folder} is not a complete SD1.5/SDXL diffusers folder"
         )
-    return "sdxl" if _read_json(unet_config).get("addition_embed_type") == "text_time" else "sd15"
+    return _read_json(unet_config)
 
 
 def _load_diffusers_folder(folder: Path, family: str, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -263,7 +268,7 @@ def load_teacher(
             raise FileNotFoundError(
                 f"{path} is a folder without model_index.json; pass a diffusers pipeline folder or a checkpoint file"
             )
-        family = _folder_family(path)
+        family = unet_config_family(folder_unet_config(path))
         folder = path
         diffusers_dirs: tuple[Path, ...] = (path,)
     else:

@@ -13,7 +13,7 @@ import torch
 from mlcm.lora import MLCMLoraMetadata
 from mlcm_train.config import RewardConfig
 from mlcm_train.reward.guard import BEST_DIR, BEST_LORA, GUARD_FILE, RewardGuard
-from mlcm_train.reward.models import reward_spec_name
+from mlcm_train.reward.models import loss_used, reward_spec_name
 from mlcm_train.reward.recipe import resolve_segments
 from mlcm_train.reward.start import StartLora, read_start_lora
 from mlcm_train.run.export import LoraShape, check_export_formats, lora_targets, write_lora
@@ -134,7 +134,7 @@ def export_reward_checkpoint(
     facts: dict[str, Any] = {
         "global_step": saved.state.global_step,
         "reward_name": reward_spec_name(config.reward),
-        "loss": "maximise" if config.loss == "auto" else config.loss,
+        "loss": loss_used(config.loss),
     }
     if best:
         guard_file = run_dir / BEST_DIR / GUARD_FILE

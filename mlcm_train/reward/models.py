@@ -87,6 +87,11 @@ def resolve_loss(loss: str, reward: Reward) -> str:
             "ignores the prompt (or has a part that does): those terms cancel and their reward gradient is 0 "
             "between 0 and the margin. Use --loss maximise (or auto, the default)"
         )
+    return loss_used(loss)
+
+
+def loss_used(loss: str) -> str:
+    """The loss a ``--loss`` value trains with: ``auto`` is plain maximisation."""
     return "maximise" if loss == "auto" else loss
 
 

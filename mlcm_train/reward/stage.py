@@ -62,7 +62,7 @@ def train_reward(
     run = Run.open(config, resume)
     start = read_start_lora(config.lora)
     reward = build_reward(config.reward, run.device)
-    resolve_loss(config.loss, reward)  # a hinge that cannot train fails here, before the teacher loads
+    loss = resolve_loss(config.loss, reward)  # a hinge that cannot train fails here, before the teacher loads
     heldout = build_heldout(config.heldout, run.device) if config.heldout else None
     run.load(extra_prompts=read_prompts(config.heldout_prompts) if config.heldout_prompts else None)
     unet, vae = run.teacher.unet, run.teacher.vae
@@ -80,7 +80,7 @@ def train_reward(
     guard = RewardGuard(config.keep_best, heldout, run.run_dir, tolerance=config.heldout_tolerance)
     if run.saved is not None:
         guard.restore(state.global_step)
-    stage = RewardStage(run, roles, start, reward, guard)
+    stage = RewardStage(run, roles, start, reward, loss, guard)
     log.info(
         "reward %s (%s loss), student steps %s with gradients through the last %d, anchor weight %g",
         reward.name,
@@ -100,11 +100,13 @@ class RewardStage:
 
     extendable = True  # resuming a finished run with more --iterations continues it, moments included
 
-    def __init__(self, run: Run, roles: UnetRoles, start: StartLora, reward: Any, guard: RewardGuard) -> None:
+    def __init__(
+        self, run: Run, roles: UnetRoles, start: StartLora, reward: Any, loss: str, guard: RewardGuard
+    ) -> None:
         config = run.config
         self.run, self.roles, self.config, self.start = run, roles, config, start
         self.reward, self.guard = reward, guard
-        self.loss = resolve_loss(config.loss, reward)
+        self.loss = loss  # from resolve_loss: "maximise" or "hinge"
         self.num_steps = len(run.teacher.alphas_cumprod)
         self.alphas_cumprod = run.alphas_cumprod
         self.segments = resolve_segments(config, start)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mlcm.lora import LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
+from mlcm.lora import FAMILY_NAMES, LoraWeights, MLCMLoraMetadata, lora_from_peft_state_dict, write_kohya_lora
 from mlcm.lora.write import default_file_mode
 from mlcm_train.config import EXPORT_FORMATS
 
@@ -132,9 +132,6 @@ def _readable_by_others(paths: Sequence[Path]) -> None:
         for file in path.rglob("*") if path.is_dir() else (path,):
             if file.is_file():
                 os.chmod(file, mode)
-
-
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
 
 def model_card(stem: str, shape: LoraShape, meta: MLCMLoraMetadata) -> str:

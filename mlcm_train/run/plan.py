@@ -8,7 +8,6 @@ backward keeps, which grows with resolution and batch) are not estimated here ye
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from torch import nn
 
 from mlcm_train.config import DistillConfig
 from mlcm_train.models.single_file import config_folder, detect_family, read_keys
+from mlcm_train.models.teacher import folder_unet_config, unet_config_family
+from mlcm_train.run.setup import WEIGHT_DTYPES
 
-WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 # Per trainable parameter: the fp32 weight and its fp32 gradient; AdamW's two moments in fp32 or 8 bits.
 LORA_BYTES = 4 + 4
 MOMENT_BYTES = {"adamw": 8, "adamw8bit": 2}
@@ -47,12 +47,10 @@ def teacher_unet_config(teacher: str, teacher_config: str | None) -> tuple[str, 
     """(family, UNet config) of a teacher path, reading only a safetensors header or JSON files."""
     path = Path(teacher)
     if path.is_dir():
-        config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
-        family = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
-        return family, config
+        config = folder_unet_config(path)
+        return unet_config_family(config), config
     family = detect_family(read_keys(path))
-    folder = config_folder(family, teacher_config)
-    return family, json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    return family, folder_unet_config(config_folder(family, teacher_config))
 
 
 def lora_parameter_count(unet: nn.Module, targets: tuple[str, ...], rank: int) -> int:
@@ -83,6 +81,6 @@ def plan_weights(config: DistillConfig, mixed_precision: str) -> WeightPlan:
         family=family,
         unet_parameters=unet_parameters,
         lora_parameters=lora,
-        frozen_bytes=unet_parameters * WEIGHT_BYTES[mixed_precision],
+        frozen_bytes=unet_parameters * WEIGHT_DTYPES[mixed_precision].itemsize,
         lora_bytes=lora * (LORA_BYTES + MOMENT_BYTES[config.optimizer]),
     )

@@ -56,6 +56,12 @@ def make_accelerator(mixed_precision: str, timeout_s: int):
     return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[timeout])
 
 
+def _accelerator(config: RunConfig) -> tuple[Any, torch.dtype]:
+    """The run's Accelerator and the dtype its frozen weights are kept in (that of the mixed precision)."""
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
+    return make_accelerator(mixed_precision, config.ddp_timeout), WEIGHT_DTYPES[mixed_precision]
+
+
 def changed_recipe(config: RunConfig, saved: dict[str, Any]) -> list[str]:
     """The weight-changing fields whose value differs from a saved config's; a field the saved config
     predates counts as changed only when it is set to something other than its default."""
@@ -109,8 +115,7 @@ class Run:
     @classmethod
     def open(cls, config: RunConfig, resume: str | Path | None) -> Run:
         """The cheap part: accelerator, run directory and resume checks; no model is loaded yet."""
-        mixed_precision = resolve_mixed_precision(config.mixed_precision)
-        accelerator = make_accelerator(mixed_precision, config.ddp_timeout)
+        accelerator, weight_dtype = _accelerator(config)
         run_dir = Path(config.output_dir)
         saved = load_checkpoint(resume) if resume is not None else None
         if saved is None and list_checkpoints(run_dir):
@@ -124,7 +129,7 @@ class Run:
                 "resuming with a changed recipe (%s); the continuation will differ from an uninterrupted run",
                 ", ".join(changed),
             )
-        return cls(config, accelerator, run_dir, saved, WEIGHT_DTYPES[mixed_precision])
+        return cls(config, accelerator, run_dir, saved, weight_dtype)
 
     @property
     def device(self) -> torch.device:
@@ -141,14 +146,8 @@ class Run:
     @classmethod
     def inputs_only(cls, config: RunConfig) -> Run:
         """The teacher, prompts and conditioning of ``config`` without a run directory (e.g. ``trajectories``)."""
-        mixed_precision = resolve_mixed_precision(config.mixed_precision)
-        run = cls(
-            config,
-            make_accelerator(mixed_precision, config.ddp_timeout),
-            Path(config.output_dir),
-            None,
-            WEIGHT_DTYPES[mixed_precision],
-        )
+        accelerator, weight_dtype = _accelerator(config)
+        run = cls(config, accelerator, Path(config.output_dir), None, weight_dtype)
         run.load_inputs()
         return run
 
@@ -189,9 +188,8 @@ class Run:
 
     def noise(self, generators: list[torch.Generator]) -> Tensor:
         """One unit-variance latent per generator (drawn on the CPU, so any device draws the same)."""
-        return torch.stack([torch.randn(self.latent_shape(), generator=g) for g in generators]).to(
-            self.device
-        )
+        shape = self.latent_shape()
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
 
     def start_state(self, unet: nn.Module, ema: LoraEMA | None = None) -> TrainState:
         """A fresh TrainState, or the resumed checkpoint's with its LoRA, EMA and RNG states put back."""
