@@ -1,7 +1,7 @@
 """Independent re-implementation of the authors' MLCM/TLCM inference loop, for parity tests and benchmarks.
 
-Written from the description of ``inference.py`` (OPPO-Mente-Lab/TLCM) in MLCM_METHOD.md §3 and
-research/mlcm_paper.md §5.1, deliberately without importing anything from ``mlcm``:
+Written from the authors' ``inference.py`` (OPPO-Mente-Lab/TLCM) as docs/method.md, "Sampling", describes it,
+deliberately without importing anything from ``mlcm``:
 
     ts = torch.linspace(999, 0, 9, dtype=int)[subset[steps]]
     z = randn(shape)

@@ -59,7 +59,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     md = (tmp_path / "demo" / "table.md").read_text()
     assert "| method | steps | UNet evals | s/image | FD | prompt acc. | reward |" in md
     assert result.seconds > 0 and "goals" in table
-    # Issue 5's before/after rows: present and measured (4 reward iterations here; the improvement is the
+    # The reward stage's before/after rows: present and measured (4 reward iterations here; the improvement is the
     # full demo's claim, not asserted on this variant).
     goal = next(g for name, g in table["goals"].items() if name.startswith("reward:"))
     assert math.isfinite(goal["value"]) and set(goal["reward_change"]) == {"2", "4"}

@@ -1,7 +1,7 @@
 """Parity of the batched distillation code with a literal, per-sample transcription of TLCM Algorithms 1-2.
 
 The references below use plain Python floats for the schedule and loop over samples one at a time,
-exactly as the paper's pseudo-code reads (mlcm_paper.md §3.3-3.4), with a nonlinear fake teacher and
+exactly as the paper's pseudo-code reads (arXiv 2406.05768v6, Algorithms 1 and 2), with a nonlinear fake teacher and
 student so that no step is exact by accident.
 """
 

@@ -40,7 +40,7 @@ SDXL_UNET = {
     "sample_size": 128,
 }
 # Counted on these meta models at r=64 with the 14 patterns. SDXL's 788 pairs / 196,751,360 parameters are
-# the official release's figures (MLCM_METHOD.md §4: 196.75M); the full UNets have the published
+# the official release's figures (196.75M; docs/method.md, "The LoRA and its scale"); the full UNets have the published
 # 859,520,964 (SD1.5) and 2,567,463,684 (SDXL) parameters, which checks the configs themselves.
 EXPECTED = {
     "sd15": {"config": SD15_UNET, "pairs": 278, "lora_params": 67_252_224, "unet_params": 859_520_964},

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from mlcm_train.method.consistency import consistency_distance
 from mlcm_train.models.lpips import TAP_CHANNELS, LatentLPIPS, load_latent_lpips
 
-VGG16_LATENT_PARAMS = 14_716_736  # the released latent-lpips.pth is 58.9 MB of fp32 (mlcm_paper.md §3.5)
+VGG16_LATENT_PARAMS = 14_716_736  # the released latent-lpips.pth is 58.9 MB of fp32 (the authors' release)
 
 
 @pytest.fixture(scope="module")

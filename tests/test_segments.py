@@ -14,7 +14,7 @@ from mlcm.segments import (
     sigmas_from_alphas_cumprod,
 )
 
-# MLCM_METHOD.md §3, transcribed from the authors' inference code.
+# docs/method.md, "Sampling": the table transcribed from the authors' inference code.
 OFFICIAL_TABLE = {
     1: [999],
     2: [999, 499],
@@ -25,7 +25,7 @@ OFFICIAL_TABLE = {
     7: [999, 749, 624, 499, 374, 249, 124],
     8: [999, 874, 749, 624, 499, 374, 249, 124],
 }
-# MLCM_METHOD.md §3: ComfyUI sigmas at the 8 boundaries for the SD/SDXL schedule.
+# docs/method.md, "Sigmas in ComfyUI": the sigmas at the 8 boundaries for the SD/SDXL schedule.
 BOUNDARY_SIGMAS = [14.6146, 7.2974, 4.0817, 2.4925, 1.6129, 1.0690, 0.6932, 0.3977]
 
 

@@ -99,6 +99,6 @@ def test_shipped_configs_have_published_sizes_and_ldm_layout(family):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_shipped_schedule_is_the_sd_ddpm_schedule(family):
     acp = alphas_cumprod_from_config(_scheduler_config(SHIPPED_CONFIGS / family))
-    # sigma = sqrt((1 - acp) / acp) at t=999 is 14.6146 for SD/SDXL (MLCM_METHOD.md section 3).
+    # sigma = sqrt((1 - acp) / acp) at t=999 is 14.6146 for SD/SDXL (docs/method.md, "Sigmas in ComfyUI").
     assert float(((1 - acp[999]) / acp[999]).sqrt()) == pytest.approx(14.6146, abs=1e-4)
     assert torch.all(acp[1:] < acp[:-1])

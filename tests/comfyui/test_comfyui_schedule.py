@@ -6,7 +6,7 @@ import pytest
 import torch
 from comfy_tiny import tiny_model
 
-# MLCM_METHOD.md §3: the official table and the SD/SDXL sigmas at the 8 boundaries.
+# docs/method.md, "Sampling": the official table and the SD/SDXL sigmas at the 8 boundaries.
 OFFICIAL = {
     1: [999],
     2: [999, 499],
