@@ -139,7 +139,12 @@ def _add_run_flags(parser: argparse.ArgumentParser, cls: type, noun: str) -> Non
         help=f"continue exactly from a {noun} checkpoint folder or a run directory's newest checkpoint "
         "(its saved config is used; flags given here override it)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config as JSON, log the estimated peak memory and time per step on this "
+        "machine's device (from the configs, no weights loaded), and exit",
+    )
     parser.add_argument(
         "--stop-after",
         type=int,
@@ -172,15 +177,30 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_plan(config: DistillConfig) -> None:
-    """What the run holds besides activations (stderr; stdout stays the config JSON)."""
-    from mlcm_train.run.plan import plan_weights
+def _log_plan(config: DistillConfig | RewardConfig) -> None:
+    """The run's estimated peak memory and time per step on this machine's device (stderr; stdout stays the
+    config JSON)."""
+    import torch
+
+    from mlcm_train.run.plan import plan_distill, plan_reward
     from mlcm_train.run.setup import resolve_mixed_precision
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)
     try:
-        plan = plan_weights(config, resolve_mixed_precision(config.mixed_precision))
+        if isinstance(config, DistillConfig):
+            plan = plan_distill(config, mixed_precision, device)
+        else:
+            from mlcm_train.reward.recipe import resolve_segments
+            from mlcm_train.reward.start import plan_targets, read_start_lora
+
+            start = read_start_lora(config.lora)
+            segments = resolve_segments(config, start)
+            plan = plan_reward(
+                config, mixed_precision, start.rank, start.alpha, plan_targets(start), segments, device
+            )
     except (OSError, ValueError) as error:
-        log.warning("no memory plan: cannot read the teacher's configuration (%s)", error)
+        log.warning("no plan: cannot read the teacher's or the LoRA's configuration (%s)", error)
         return
     for line in plan.lines():
         log.info("plan: %s", line)
@@ -218,6 +238,8 @@ def _run_reward(args: argparse.Namespace) -> int:
     config = _resolve_run(args, RewardConfig)
     if args.dry_run:
         sys.stdout.write(config.to_json() + "\n")
+        if config.teacher and config.lora:
+            _log_plan(config)
         return 0
     from mlcm_train.reward.stage import train_reward
 

@@ -338,8 +338,12 @@ def test_dry_run_prints_the_resolved_config(distilled, tmp_path, capsys):
         "brightness",
     ]
     assert main(["reward", *argv, "--keep-best", "reward", "--student-steps", "2,4", "--dry-run"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
     assert printed["student_steps"] == [2, 4] and printed["margin"] == 16.0 and printed["lr"] == 1e-5
+    # The plan: the LoRA's own rank (4), the reward phase's peak and time, and what it leaves out.
+    assert "plan: LoRA" in err and "plan: reward M=8: peak about" in err and "s per step" in err
+    assert "not counted: the reward model" in err
     assert not (tmp_path / "runs").exists()
 
 

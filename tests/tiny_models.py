@@ -248,3 +248,63 @@ def config_flags(config, skip: tuple[str, ...] = ()) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def make_full_shape(directory: str | Path, family: str = "sd15", dtype: torch.dtype = torch.float16) -> Path:
+    """A diffusers folder with a full-shape UNet and VAE from the shipped configs (random weights, saved in
+    ``dtype``) and one-layer text encoders of the real widths over the tiny vocabulary; for benchmarks and
+    the memory plan's check. Nothing is downloaded. Returns the folder."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from mlcm_train.models.single_file import SHIPPED_CONFIGS
+
+    shipped = SHIPPED_CONFIGS / family
+    vocab = tiny_vocab()
+
+    def text_encoder(name: str, cls):
+        config = CLIPTextConfig.from_json_file(shipped / name / "config.json")
+        config.num_hidden_layers, config.vocab_size = 1, len(vocab)
+        config.bos_token_id, config.eos_token_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+        return cls(config).to(dtype)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(shipped / "vae"))
+        unet, vae = torch.nn.Module.to(unet, dtype), torch.nn.Module.to(vae, dtype)
+        encoders = {"text_encoder": text_encoder("text_encoder", CLIPTextModel)}
+        if family == "sdxl":
+            encoders["text_encoder_2"] = text_encoder("text_encoder_2", CLIPTextModelWithProjection)
+    path = Path(directory) / f"full_{family}"
+    with tempfile.TemporaryDirectory() as tmp:
+        if family == "sd15":
+            pipe = StableDiffusionPipeline(
+                vae=vae,
+                unet=unet,
+                tokenizer=_tokenizer(Path(tmp)),
+                scheduler=PNDMScheduler.from_config({**SCHEDULER_CONFIG, "skip_prk_steps": True}),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                **encoders,
+            )
+        else:
+            pipe = StableDiffusionXLPipeline(
+                vae=vae,
+                unet=unet,
+                tokenizer=_tokenizer(Path(tmp) / "l"),
+                tokenizer_2=_tokenizer(Path(tmp) / "g", pad_token="!"),
+                scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+                force_zeros_for_empty_prompt=True,
+                **encoders,
+            )
+        pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -94,6 +94,15 @@ def read_start_lora(path: str | Path) -> StartLora:
     )
 
 
+def plan_targets(start: StartLora) -> tuple[str, ...]:
+    """Module patterns that place the starting LoRA, for a plan made before any UNet is loaded: the
+    checkpoint's, else those of the distill config the file records, else distill's defaults."""
+    if start.targets:
+        return start.targets
+    recorded = (start.distill_config or {}).get("lora_targets")
+    return tuple(recorded) if recorded else tuple(DistillConfig().lora_targets)
+
+
 def attach_start_lora(
     unet: nn.Module,
     start: StartLora,

@@ -91,6 +91,7 @@ class LoopResult:
     # left out and CUDA is synchronised around each category.
     timings: dict[str, float] = field(default_factory=dict)
     unet: torch.nn.Module | None = None  # the UNet with the trained LoRA attached (this process's copy)
+    peak_memory: int | None = None  # with profile=True: the device's peak bytes during training (PeakMemory)
 
 
 class _Checkpointer:
@@ -128,7 +129,26 @@ def train_loop(
     stop_after: int | None = None,
     loss_hook: LossHook | None = None,
 ) -> LoopResult:
-    """Run ``stage``'s phases from ``state`` on; ``stop_after`` ends after that many global steps with a checkpoint."""
+    """Run ``stage``'s phases from ``state`` on; ``stop_after`` ends after that many global steps with a checkpoint.
+
+    The metrics log is closed however the loop ends (a W&B run is finished, its summary written)."""
+    try:
+        return _phases(run, roles, params, stage, state, timer, stop_after, loss_hook)
+    finally:
+        if run.log is not None:
+            run.log.close()
+
+
+def _phases(
+    run: Run,
+    roles: UnetRoles,
+    params: Sequence[torch.nn.Parameter],
+    stage: Stage,
+    state: TrainState,
+    timer: StepTimer,
+    stop_after: int | None,
+    loss_hook: LossHook | None,
+) -> LoopResult:
     config = run.config
     checkpoint = _Checkpointer(run, roles, state)
     losses: list[float] = []
@@ -136,7 +156,14 @@ def train_loop(
 
     def result(exported: list[Path]) -> LoopResult:
         return LoopResult(
-            run.run_dir, state, checkpoint.last, exported, losses, dict(timer.seconds), roles.unet
+            run.run_dir,
+            state,
+            checkpoint.last,
+            exported,
+            losses,
+            dict(timer.seconds),
+            roles.unet,
+            timer.peak_bytes,
         )
 
     for phase in stage.phases:
@@ -193,8 +220,6 @@ def train_loop(
     exported = stage.export(state) if run.is_main else []
     for path in exported:
         log.info("exported %s", path)
-    if run.log is not None:
-        run.log.close()
     run.accelerator.wait_for_everyone()
     return result(exported)
 
