@@ -23,6 +23,7 @@ from mlcm_train.method.settings import LOSS_TYPES, RENOISE_MODES, DistillSetting
 LORA_TARGET_MODULES = TARGET_MODULE_PATTERNS
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+WANDB_MODES = ("off", "offline", "online")
 EXPORT_FORMATS = ("kohya", "peft", "diffusers")
 REWARD_LOSSES = ("auto", "hinge", "maximise")
 KEEP_BEST_RULES = ("guarded", "heldout", "reward", "last")
@@ -166,6 +167,13 @@ class RunConfig(ConfigRecord):
     checkpoints_keep: int = option(3, "newest checkpoints kept; 0 keeps all", "N", bookkeeping=True)
     log_every: int = option(10, "optimizer steps between metrics.jsonl rows", "N", bookkeeping=True)
     tensorboard: bool = option(False, "also log to <run>/tensorboard", bookkeeping=True)
+    wandb: str = option(
+        "off",
+        "also log to Weights & Biases (needs `pip install wandb`): offline writes <run>/wandb without a network "
+        "(upload later with `wandb sync`), online logs live; project from WANDB_PROJECT, default mlcm",
+        "{off,offline,online}",
+        bookkeeping=True,
+    )
     keep_text_encoders: bool = option(
         False,
         "keep the text encoders in memory after every prompt is encoded (by default they are freed then)",
@@ -208,6 +216,7 @@ class RunConfig(ConfigRecord):
         _check_positive(self, ("adam_eps", "max_grad_norm"))
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("wandb", self.wandb, WANDB_MODES)
         if not 0.0 <= self.adam_weight_decay < 1.0:
             raise ValueError(f"adam_weight_decay={self.adam_weight_decay} must be in [0, 1)")
         for name in ("adam_beta1", "adam_beta2"):

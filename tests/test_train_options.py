@@ -75,6 +75,38 @@ def test_tensorboard_missing_is_explained(sd15, tmp_path, caplog):
     assert "pip install tensorboard" in caplog.text
 
 
+def test_wandb_offline_logs_the_run_without_a_network(sd15, tmp_path, monkeypatch):
+    """--wandb offline: W&B records under <run>/wandb with the scalars of metrics.jsonl, no network; a
+    resumed run keeps its W&B id (``wandb sync`` uploads both parts as one run)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    teacher, prompts = sd15
+    run = tmp_path / "run"
+    config = tiny_config(teacher, prompts, run, stages=(1,), stage1_steps=2, log_every=1, wandb="offline")
+    train_distill(config, stop_after=1)
+    run_id = (run / "wandb-id").read_text().strip()
+    train_distill(config.replace(stage1_steps=2), resume=run)
+    assert (run / "wandb-id").read_text().strip() == run_id
+    offline = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))  # one per process, same id
+    records = [(d / f"run-{run_id}.wandb").read_bytes() for d in offline]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(offline) == len(rows) == 2
+    # Each process's W&B record holds the loss metrics.jsonl has for its step (values as JSON text).
+    for row, record in zip(rows, records):
+        assert b"train/loss" in record and json.dumps(row["loss"]).encode() in record
+
+
+def test_wandb_missing_fails_before_the_teacher_loads(sd15, tmp_path, monkeypatch):
+    import mlcm_train.run.log as run_log
+
+    monkeypatch.setattr(run_log, "wandb_available", lambda: False)
+    teacher, prompts = sd15
+    config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=1, wandb="online")
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train_distill(config)
+
+
 @pytest.mark.slow
 def test_stage1_loss_falls_on_a_fixed_prompt_set(sd15, tmp_path):
     teacher, prompts = sd15

@@ -156,7 +156,12 @@ class Run:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.config.to_json() + "\n", encoding="utf-8")
-            self.log = RunLog(self.run_dir, tensorboard=self.config.tensorboard)
+            self.log = RunLog(
+                self.run_dir,
+                tensorboard=self.config.tensorboard,
+                wandb=self.config.wandb,
+                config=self.config.to_dict(),
+            )
         self.load_inputs(extra_prompts)
 
     def load_inputs(self, extra_prompts: list[str] | None = None) -> None:
