@@ -147,6 +147,25 @@ def segment_timesteps(
     return [boundaries[i] for i in indices[:-1]]
 
 
+def requested_timesteps(
+    count: int, segments: int = DEFAULT_SEGMENTS, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> list[int]:
+    """``count`` descending timesteps for a sampler that asks for a schedule and keeps only its tail.
+
+    ComfyUI's KSampler runs img2img (denoise d < 1) by asking the scheduler for ``int(steps / d)`` steps
+    and keeping the last ``steps + 1`` sigmas, so the scheduler never sees ``steps`` or ``d``. Up to
+    ``segments`` this is the official table for ``count`` steps. Beyond it, the entry ``j`` places from the
+    end is the boundary that an img2img run of strength ``j / count`` starts from (``start_boundary``): any
+    tail KSampler keeps then starts where the project's img2img rule starts for that strength and visits
+    trained boundaries only. A tail with more steps than boundaries below its start repeats a boundary
+    (a second consistency step at the same noise level) rather than leaving the trained grid.
+    """
+    if count <= segments:
+        return segment_timesteps(count, segments, num_train_timesteps=num_train_timesteps)
+    boundaries = segment_boundaries(segments, num_train_timesteps)
+    return [boundaries[start_boundary(segments, j / count)] for j in range(count, 0, -1)]
+
+
 def scaled_linear_alphas_cumprod(
     beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 ) -> torch.Tensor:

@@ -16,7 +16,8 @@ import logging
 
 import torch
 
-from ..mlcm import DEFAULT_SEGMENTS, sample_mlcm, segment_timesteps
+from ..mlcm import requested_timesteps
+from .sampler import comfy_sample_mlcm
 from .schedule import sigmas_at_timesteps
 
 logger = logging.getLogger(__name__)
@@ -26,19 +27,15 @@ SCHEDULER_NAME = "mlcm_segments"
 
 
 def mlcm_segments_scheduler(model_sampling: object, steps: int) -> torch.Tensor:
-    """KSampler scheduler: official-table sigmas for ``steps`` <= 8 segments (the standard MLCM LoRA).
+    """KSampler scheduler: sigmas at the 8-segment boundaries (the standard MLCM LoRA) for ``steps`` sigmas.
 
-    KSampler hands a scheduler only (model_sampling, steps), so the LoRA's own segment count is not
-    visible here; LoRAs trained with other segment counts need MLCMSegmentSchedule.
+    KSampler hands a scheduler only (model_sampling, steps). For img2img it asks for ``int(steps / denoise)``
+    steps and keeps the last ``steps + 1`` sigmas, so a request beyond 8 is a low-denoise run, not an error:
+    ``requested_timesteps`` makes every tail KSampler may keep start at the boundary of its strength and stay
+    on trained boundaries. The sampler logs the timesteps it was given once. LoRAs trained with other
+    segment counts need MLCMSegmentSchedule.
     """
-    if steps > DEFAULT_SEGMENTS:
-        # KSampler asks for int(steps / denoise) sigmas and keeps the last steps + 1 (img2img).
-        raise ValueError(
-            f"The '{SCHEDULER_NAME}' scheduler was asked for {steps} steps, but an MLCM LoRA has "
-            f"{DEFAULT_SEGMENTS} segments (KSampler asks for steps/denoise steps when denoise < 1). Lower "
-            "steps or raise denoise, or use the MLCM Segment Schedule node with SamplerCustom"
-        )
-    return sigmas_at_timesteps(model_sampling, segment_timesteps(steps, DEFAULT_SEGMENTS))
+    return sigmas_at_timesteps(model_sampling, requested_timesteps(steps))
 
 
 def register_ksampler_names() -> bool:
@@ -62,7 +59,7 @@ def register_ksampler_names() -> bool:
         return False
 
     if not hasattr(k_sampling, "sample_" + SAMPLER_NAME):
-        setattr(k_sampling, "sample_" + SAMPLER_NAME, sample_mlcm)
+        setattr(k_sampling, "sample_" + SAMPLER_NAME, comfy_sample_mlcm)
     for names in name_lists:
         if SAMPLER_NAME not in names:
             names.append(SAMPLER_NAME)

@@ -8,6 +8,7 @@ import torch
 from mlcm.segments import (
     SELECTIONS,
     lcm_timesteps,
+    requested_timesteps,
     scaled_linear_alphas_cumprod,
     segment_boundaries,
     segment_timesteps,
@@ -140,3 +141,32 @@ def test_alphas_cumprod_and_sigmas_match_diffusers_and_published_values():
 
 def test_selections_listed():
     assert SELECTIONS == ("official", "uniform", "lcm")
+
+
+def test_requested_timesteps_up_to_the_segments_are_the_official_tables():
+    for count in range(1, 9):
+        assert requested_timesteps(count) == segment_timesteps(count)
+
+
+def test_every_tail_ksampler_keeps_starts_at_its_strength_on_trained_boundaries():
+    """KSampler's img2img asks for int(steps / denoise) and keeps the last steps: each such tail must be the
+    img2img schedule the segment rule gives wherever that rule has one, and trained boundaries otherwise."""
+    boundaries = set(segment_boundaries(8)) - {0}
+    compared = 0
+    for steps in range(1, 9):
+        for percent in range(1, 100):
+            denoise = percent / 100
+            count = int(steps / denoise)
+            if count <= 8:
+                continue
+            full = requested_timesteps(count)
+            assert len(full) == count and full[0] == 999 and set(full) <= boundaries
+            assert all(a >= b for a, b in zip(full, full[1:]))
+            try:
+                expected = segment_timesteps(steps, denoise=denoise)
+            except ValueError:  # more steps than boundaries below the start: a boundary repeats
+                continue
+            assert full[-steps:] == expected, (steps, denoise)
+            compared += 1
+    assert compared >= 15
+    assert requested_timesteps(13)[-4:] == [249, 249, 124, 124]  # 4 steps at denoise 0.3

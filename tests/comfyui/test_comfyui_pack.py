@@ -88,7 +88,7 @@ def test_ksampler_names_registered_once(pack: LoadedPack) -> None:
     assert comfy.samplers.KSampler.SCHEDULERS.count("mlcm_segments") == 1
     assert "mlcm_segments" in comfy.samplers.SCHEDULER_HANDLERS
     registered = comfy.k_diffusion.sampling.sample_mlcm  # from whichever copy of the pack loaded first
-    assert registered.__name__ == "sample_mlcm" and registered.__module__.endswith("mlcm.sampling")
+    assert registered.__name__ == "comfy_sample_mlcm" and registered.__module__.endswith("nodes.sampler")
     required = nodes.NODE_CLASS_MAPPINGS["KSampler"].INPUT_TYPES()["required"]
     assert "mlcm" in required["sampler_name"][0]
     assert "mlcm_segments" in required["scheduler"][0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from comfy_tiny import conditioning, noise_and_latent, tiny_model
@@ -33,7 +35,7 @@ def mlcm_sampler(node_classes: dict[str, type], update_rule: str = "official", e
 
 
 def sample_custom(
-    model, family, sampler, sigmas, *, seed=SEED, noise_seed=SEED, callback=None
+    model, family, sampler, sigmas, *, seed=SEED, noise_seed=SEED, callback=None, cfg=1.0
 ) -> torch.Tensor:
     import comfy.sample
 
@@ -42,7 +44,7 @@ def sample_custom(
     return comfy.sample.sample_custom(
         model,
         noise,
-        1.0,
+        cfg,
         sampler,
         sigmas,
         cond,
@@ -192,12 +194,57 @@ def test_ksampler_route_matches_the_nodes(node_classes, model, family, steps, de
     torch.testing.assert_close(via_ksampler, via_nodes, atol=1e-6, rtol=0)
 
 
-def test_ksampler_route_says_what_to_do_beyond_eight_steps(model, family) -> None:
+def ksample(model, family, steps, denoise, *, cfg=1.0, scheduler="mlcm_segments") -> torch.Tensor:
     import comfy.sample
 
     noise, latent = noise_and_latent(SEED)
     cond = conditioning(family)
-    with pytest.raises(ValueError, match="lower steps or raise denoise|Lower steps or raise denoise"):
-        comfy.sample.sample(
-            model, noise, 5, 1.0, "mlcm", "mlcm_segments", cond, cond, latent, denoise=0.5, seed=SEED
-        )
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "mlcm", scheduler, cond, cond, latent, denoise=denoise, disable_pbar=True, seed=SEED
+    )
+
+
+# (steps, denoise) -> the timesteps KSampler keeps from the mlcm_segments scheduler: int(steps / denoise)
+# requested, the last steps + 1 sigmas kept; beyond 8 a boundary repeats rather than leaving the grid.
+KSAMPLER_IMG2IMG = {
+    (4, 0.3): [249, 249, 124, 124],
+    (2, 0.2): [249, 124],
+    (6, 0.6): [624, 499, 374, 249, 249, 124],
+    (3, 0.4): [374, 249, 124],
+    (1, 0.1): [124],
+}
+
+
+@pytest.mark.parametrize(("steps", "denoise"), sorted(KSAMPLER_IMG2IMG))
+def test_ksampler_img2img_at_low_denoise_stays_on_the_boundaries(
+    pack, model, family, steps, denoise, caplog
+) -> None:
+    pack.module("nodes.sampler")._logged_schedules.clear()
+    with caplog.at_level(logging.INFO):
+        out = ksample(model, family, steps, denoise)
+    assert torch.isfinite(out).all()
+    assert f"MLCM: sampling at timesteps {KSAMPLER_IMG2IMG[steps, denoise]}" in caplog.text
+    assert "not among" not in caplog.text
+
+
+def test_cfg_above_one_is_reported_on_both_routes(node_classes, model, family, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        ksample(model, family, 2, 1.0, cfg=3.0)
+    assert "cfg is 3" in caplog.text and "Set cfg to 1.0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        sample_custom(model, family, mlcm_sampler(node_classes), mlcm_sigmas(node_classes, model, 2), cfg=2.5)
+    assert "cfg is 2.5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ksample(model, family, 2, 1.0, cfg=1.0)
+    assert "cfg is" not in caplog.text
+
+
+def test_other_schedulers_work_and_are_reported_once(pack, model, family, caplog) -> None:
+    pack.module("nodes.sampler")._logged_schedules.clear()
+    with caplog.at_level(logging.WARNING):
+        first = ksample(model, family, 4, 1.0, scheduler="normal")
+        ksample(model, family, 4, 1.0, scheduler="normal")
+    assert torch.isfinite(first).all()
+    assert caplog.text.count("not the schedule it was trained for") == 1
