@@ -154,10 +154,20 @@ def describe(lora: LoraWeights, applied: int, family: str | None, strength: floa
         scale = f"scale alpha/rank = {alpha:g}/{rank} = {alpha / rank:g}"
     else:
         scale = f"{len(scales)} different alpha/rank scales"
-    segments = lora.metadata.segments if lora.metadata is not None else None
+    metadata = lora.metadata
+    segments = metadata.segments if metadata is not None else None
+    supported = (metadata.supported_steps if metadata is not None else None) or range(1, (segments or 8) + 1)
+    steps = list(supported)
+    step_text = (
+        f"{steps[0]}-{steps[-1]}"
+        if steps == list(range(steps[0], steps[-1] + 1))
+        else ", ".join(map(str, steps))
+    )
     return (
         f"applied {applied}/{len(lora.modules)} modules ({lora.source_format}), {scale} ({lora.alpha_source}), "
-        f"strength {strength:g}, family {family or 'unknown'}, segments {segments or 'not stated'}"
+        f"strength {strength:g}, family {family or 'unknown'}, segments {segments or 'not stated'}; "
+        f"sample at cfg 1.0 with {step_text} steps on MLCM Sampler + MLCM Segment Schedule "
+        "(or KSampler: sampler mlcm, scheduler mlcm_segments)"
     )
 
 
