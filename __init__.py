@@ -5,6 +5,8 @@ Outside ComfyUI (pytest collecting this folder, a plain ``pip install``) there i
 and the folder exports nothing; ``mlcm`` and ``mlcm_train`` are the importable packages.
 """
 
+WEB_DIRECTORY = "./web"  # web/docs/<node id>.md: the help page ComfyUI shows for each node
+
 try:
     import comfy_api  # noqa: F401  (present only when ComfyUI is the host)
 except ImportError:
@@ -12,4 +14,4 @@ except ImportError:
 else:
     from .nodes import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -27,6 +27,7 @@ from ..mlcm.lora import (
     to_kohya_state_dict,
 )
 from .schedule import MODEL_OPTIONS_KEY
+from .schema import schema
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class MLCMLoraLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MLCMLoraLoader",
             display_name="MLCM LoRA Loader",
             category="loaders",

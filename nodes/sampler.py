@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from ..mlcm import DEFAULT_SEGMENTS, UPDATE_RULES, rule_eta, sample_mlcm, segment_boundaries
 from .schedule import lora_segments
+from .schema import schema
 
 logger = logging.getLogger(__name__)
 _logged_schedules: set[tuple[int, ...]] = set()
@@ -80,7 +81,7 @@ class MLCMSampler(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MLCMSampler",
             display_name="MLCM Sampler",
             category="sampling/mlcm",

@@ -10,6 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..mlcm import DEFAULT_SEGMENTS, SELECTIONS, segment_timesteps
+from .schema import schema
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class MLCMSegmentSchedule(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MLCMSegmentSchedule",
             display_name="MLCM Segment Schedule",
             category="sampling/mlcm",
