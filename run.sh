@@ -35,6 +35,13 @@ case "$job" in
   test)
     "$py" -m ruff check .
     "$py" -m ruff format --check .
+    # comfy-cli (the registry's `comfy node validate`) in a venv of its own: its pins stay out of ours.
+    cli_venv="${venv}-comfy-cli"
+    if [ ! -x "$cli_venv/bin/comfy" ]; then
+      python3 -m venv "$cli_venv" && "$cli_venv/bin/python" -m pip install -q comfy-cli \
+        || echo "comfy-cli did not install; the registry validation test will skip" >&2
+    fi
+    [ -x "$cli_venv/bin/comfy" ] && export MLCM_COMFY_CLI="$(cd "$cli_venv" && pwd)/bin/comfy"
     set +e
     if [ -n "${MLCM_COMFYUI_PATH:-}" ]; then
       # The ComfyUI tier runs on its own below, in a Python that has ComfyUI's requirements.

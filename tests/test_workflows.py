@@ -30,7 +30,7 @@ WORKFLOW_NAMES = (
 FRONTEND_ONLY_TYPES = frozenset({"Note", "MarkdownNote"})
 # LiteGraph node modes: 0 = always, 2 = never (muted), 4 = bypass.
 MODE_ALWAYS, MODE_MUTED = 0, 2
-OUR_PACK_ID = "comfyui-mlcm"
+OUR_PACK_ID = "mlcm-fewstep"
 CORE_PACK_ID = "comfy-core"
 SAMPLER_TYPES = ("SamplerCustom", "KSampler")
 # The editor's check of properties.ver (ComfyUI frontend's workflow schema): semantic version x.y.z.
