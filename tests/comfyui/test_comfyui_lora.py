@@ -283,3 +283,71 @@ def test_parsed_lora_is_cached_until_the_file_changes(
     config.write_text(config.read_text().replace(f'"lora_alpha": {PEFT_ALPHA}', '"lora_alpha": 16'))
     _, report = load(node_classes, peft_case["patcher"], name)  # the config changed: read again
     assert len(calls) == 3 and "16/4 = 4" in report
+
+
+@pytest.fixture(scope="module")
+def style_case(peft_case: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A second ("style") LoRA on the attention projections of the same UNet, and the reference output of
+    the UNet with both adapters merged, by PEFT."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    unet = UNet2DConditionModel(**SD15_DIFFUSERS_CONFIG)
+    init_weights(unet, seed=3)  # the same base weights as peft_case
+    unet.eval()
+    mlcm_config = LoraConfig(r=PEFT_RANK, lora_alpha=PEFT_ALPHA, target_modules=list(TARGET_MODULE_PATTERNS))
+    model = get_peft_model(copy.deepcopy(unet), mlcm_config)
+    model.load_adapter(str(peft_case["folder"]), adapter_name="mlcm")
+    style_config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    model.add_adapter("style", style_config)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".style." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    folder = tmp_path_factory.mktemp("style") / "style_lora"
+    model.save_pretrained(str(folder), selected_adapters=["style"])
+    merged = model.merge_and_unload(adapter_names=["mlcm", "style"])
+    with torch.no_grad():
+        both = merged(peft_case["x"], torch.tensor([TIMESTEP]), encoder_hidden_states=peft_case["context"]).sample
+    return {"folder": folder / "style", "both": both}
+
+
+def test_an_mlcm_lora_stacks_with_a_style_lora_in_either_order(peft_case, style_case, tmp_path) -> None:
+    """MLCM LoRA + style LoRA through ComfyUI's stock loader: the patches add, so either order gives the
+    UNet with both merged (by PEFT)."""
+    import comfy.sd
+    import comfy.utils
+
+    files = {}
+    for name, folder in (("mlcm", peft_case["folder"]), ("style", style_case["folder"])):
+        files[name] = tmp_path / f"{name}.safetensors"
+        write_kohya_lora(files[name], read_lora(folder), dtype=torch.float32)
+
+    def stacked(order: tuple[str, ...]) -> torch.Tensor:
+        patcher = peft_case["patcher"]
+        for name in order:
+            state_dict = comfy.utils.load_torch_file(str(files[name]), safe_load=True)
+            patcher, _ = comfy.sd.load_lora_for_models(patcher, None, state_dict, 1.0, 0.0)
+        return unet_output(patcher, peft_case["x"], TIMESTEP, peft_case["context"])
+
+    mlcm_first, style_first = stacked(("mlcm", "style")), stacked(("style", "mlcm"))
+    torch.testing.assert_close(mlcm_first, style_case["both"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(style_first, style_case["both"], atol=1e-5, rtol=0)
+    assert not torch.allclose(mlcm_first, peft_case["reference"], atol=1e-4)  # the style LoRA acts
+
+
+def test_the_mlcm_loader_stacks_with_the_stock_loader(peft_case, style_case, node_classes, loras_dir, tmp_path):
+    """The official PEFT folder through MLCM LoRA Loader, the style LoRA through the stock loader: same sum."""
+    import comfy.sd
+    import comfy.utils
+
+    style_file = tmp_path / "style.safetensors"
+    write_kohya_lora(style_file, read_lora(style_case["folder"]), dtype=torch.float32)
+    style = comfy.utils.load_torch_file(str(style_file), safe_load=True)
+    name = install(peft_case["folder"], loras_dir)
+    after, _ = load(node_classes, comfy.sd.load_lora_for_models(peft_case["patcher"], None, style, 1.0, 0.0)[0], name)
+    before, _ = comfy.sd.load_lora_for_models(load(node_classes, peft_case["patcher"], name)[0], None, style, 1.0, 0.0)
+    for patched in (after, before):
+        out = unet_output(patched, peft_case["x"], TIMESTEP, peft_case["context"])
+        torch.testing.assert_close(out, style_case["both"], atol=1e-5, rtol=0)
