@@ -69,3 +69,27 @@ def test_nothing_imports_the_node_glue_and_mlcm_does_not_import_the_trainer():
 def test_package_never_installs_a_top_level_nodes_package():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'packages = ["mlcm", "mlcm_train"]' in pyproject
+
+
+def test_a_comfyui_without_a_usable_v3_api_gets_one_line_and_no_nodes(tmp_path):
+    """A stand-in comfy_api whose V3 module fails to import (as 0.3.48-0.3.5x's does without torchaudio):
+    the pack imports, logs one error line saying what to do, and exports no entry point."""
+    fake = tmp_path / "comfy_api"
+    (fake / "latest").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "latest" / "__init__.py").write_text("import torchaudio_that_is_not_installed\n")
+    code = (
+        "import importlib.util, logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+        f"spec = importlib.util.spec_from_file_location('mlcm_pack', {str(ROOT / '__init__.py')!r},\n"
+        f"    submodule_search_locations=[{str(ROOT)!r}])\n"
+        "pack = importlib.util.module_from_spec(spec); sys.modules['mlcm_pack'] = pack\n"
+        "spec.loader.exec_module(pack)\n"
+        "print('EXPORTS', pack.__all__, hasattr(pack, 'comfy_entrypoint'))\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "EXPORTS [] False" in out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "V3 node API" in errors[0] and "torchaudio" in errors[0]
