@@ -70,3 +70,20 @@ def test_search_aliases_where_supported(node_classes, pack) -> None:
     if "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
         for node_id in NODE_IDS:
             assert node_classes[node_id].define_schema().search_aliases == aliases[node_id]
+
+
+def test_the_chinese_locale_translates_every_text(node_classes) -> None:
+    """locales/zh/nodeDefs.json has exactly the English file's entries, each a non-empty translation
+    (input names stay as the widgets' ids)."""
+    english = node_defs(node_classes)
+    chinese = json.loads((REPO / "locales" / "zh" / "nodeDefs.json").read_text(encoding="utf-8"))
+
+    def keys(tree: dict) -> dict:
+        return {k: keys(v) if isinstance(v, dict) else None for k, v in tree.items()}
+
+    assert keys(chinese) == keys(english)
+    for node_id, entry in chinese.items():
+        assert entry["description"] != english[node_id]["description"]
+        for kind in ("inputs", "outputs"):
+            for name, texts in entry[kind].items():
+                assert texts["tooltip"] and texts["tooltip"] != english[node_id][kind][name]["tooltip"]
