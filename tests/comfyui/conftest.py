@@ -5,6 +5,8 @@ Run it with ComfyUI's own requirements installed, e.g.
 for the tests only (the pack itself never touches sys.path), ComfyUI is forced onto the CPU, and the pack
 is loaded the way ComfyUI loads it: ``nodes.load_custom_node`` on a folder named like a custom-node clone.
 Test modules here import ComfyUI only inside fixtures and tests, so collection works without it.
+The tier passes on ComfyUI 0.3.48 (the oldest release ``requires-comfyui`` admits; its V3 module needs
+torchaudio, e.g. torch 2.9.1 with torchaudio 2.9) and on 0.3.64, each exported from the public repository.
 """
 
 from __future__ import annotations
