@@ -51,6 +51,11 @@ class TrainState:
     prompt_count: int
     nan_streak: int = 0
     config_hash: str = ""
+    # What the run has spent so far, over all processes and resumes (UnetRoles counts, the loop sums):
+    # UNet evaluations as sample rows (a CFG call on B samples is 2B), and wall seconds in the loop.
+    teacher_evaluations: int = 0
+    student_evaluations: int = 0
+    train_seconds: float = 0.0
 
 
 @dataclass

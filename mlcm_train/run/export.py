@@ -162,6 +162,10 @@ def model_card(stem: str, shape: LoraShape, meta: MLCMLoraMetadata) -> str:
          f"{training.get('prompt_count', '?')} prompts; teacher CFG {training.get('guidance_scale', '?')}"),
         ("config hash", f"`{training.get('config_hash', '?')}` (the full recipe: `{stem}.config.json`)"),
     ]  # fmt: skip
+    if training.get("teacher_evaluations"):
+        facts.append(("training cost", f"{training['teacher_evaluations']} teacher UNet evaluations (CFG counted "
+                      f"as 2), {training.get('student_evaluations', '?')} student evaluations, "
+                      f"{training.get('train_seconds', '?')} s in the training loop"))  # fmt: skip
     lines = [f"# {stem}", "", f"An MLCM LoRA for {family}, made with `python -m mlcm_train`.", ""]
     lines += ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in facts)]
     if training.get("reward"):

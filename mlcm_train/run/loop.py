@@ -152,6 +152,7 @@ def _phases(
     config = run.config
     checkpoint = _Checkpointer(run, roles, state)
     losses: list[float] = []
+    spending = _Spending(run, roles, state)
     _log_batch(run)
 
     def result(exported: list[Path]) -> LoopResult:
@@ -191,6 +192,7 @@ def _phases(
                 state.nan_streak = 0
             timer.step_done(time.perf_counter() - started)
             # 4. Count, report, checkpoint, sample.
+            spending.update()
             state.phase_step += 1
             state.global_step += 1
             state.cursor = state.phase_step * _global_batch(run)  # samples of the phase consumed
@@ -217,6 +219,7 @@ def _phases(
         checkpoint(None)
 
     # 6. Export (main process), then every process leaves together.
+    log.info("%s", spending.summary())
     exported = stage.export(state) if run.is_main else []
     for path in exported:
         log.info("exported %s", path)
@@ -302,12 +305,44 @@ def _update(
 
 
 def _report(run: Run, phase: Phase, state: TrainState, loss: float, stats: dict[str, float]) -> None:
-    """One metrics.jsonl row (main process): step, phase, the phase's columns, loss, lr, the stage's numbers."""
+    """One metrics.jsonl row (main process): step, phase, the phase's columns, loss, lr, what the run has
+    spent so far (teacher and student UNet evaluations, wall seconds), the stage's numbers."""
     if run.log is None:
         return
     numbers = {k: v for k, v in stats.items() if k != "loss"}
     row = {"global_step": state.global_step, "phase": phase.index, **phase.log}
-    run.log.write({**row, "loss": loss, "lr": phase.lr, **numbers})
+    spent = {
+        "teacher_evals": state.teacher_evaluations,
+        "student_evals": state.student_evaluations,
+        "wall_s": round(state.train_seconds, 3),
+    }
+    run.log.write({**row, "loss": loss, "lr": phase.lr, **spent, **numbers})
+
+
+class _Spending:
+    """Adds this process's UNet evaluations (times the process count: every rank does the same work) and
+    the loop's wall time to the state's running totals, which a resumed run carried over."""
+
+    def __init__(self, run: Run, roles: UnetRoles, state: TrainState) -> None:
+        self.run, self.roles, self.state, self.processes = run, roles, state, run.accelerator.num_processes
+        self.base = (state.teacher_evaluations, state.student_evaluations, state.train_seconds)
+        self.started = time.perf_counter()
+
+    def update(self) -> None:
+        teacher, student, seconds = self.base
+        counts = self.roles.evaluations
+        self.state.teacher_evaluations = teacher + counts["teacher"] * self.processes
+        self.state.student_evaluations = student + counts["student"] * self.processes
+        self.state.train_seconds = seconds + time.perf_counter() - self.started
+
+    def summary(self) -> str:
+        state = self.state
+        samples = max(state.global_step * _global_batch(self.run), 1)
+        return (
+            f"spent {state.teacher_evaluations} teacher UNet evaluations (CFG counted as 2; "
+            f"{state.teacher_evaluations / samples:.2f} per training sample), {state.student_evaluations} "
+            f"student evaluations and {state.train_seconds:.0f} s in the training loop"
+        )
 
 
 def _accumulate(

@@ -217,18 +217,21 @@ class UnetRoles:
 
     def __init__(self, accelerator: Any, unet: nn.Module, model: nn.Module, ema: LoraEMA | None = None):
         self.accelerator, self.unet, self.model, self.ema = accelerator, unet, model, ema
+        # UNet evaluations on this process, as sample rows: a CFG call on B samples counts 2B.
+        self.evaluations = {"teacher": 0, "student": 0}
 
-    def _call(self, module: nn.Module, z: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def _call(self, module: nn.Module, z: Tensor, t: Tensor, cond: Any, role: str) -> Tensor:
+        self.evaluations[role] += z.shape[0]
         with self.accelerator.autocast():
             return module(z, t, **cond.unet_kwargs(), return_dict=False)[0].float()
 
     def student(self, z: Tensor, t: Tensor, cond: Any) -> Tensor:
-        return self._call(self.model, z, t, cond)
+        return self._call(self.model, z, t, cond, "student")
 
     def target(self, z: Tensor, t: Tensor, cond: Any) -> Tensor:
         with torch.no_grad(), self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            return self._call(self.unet, z, t, cond)
+            return self._call(self.unet, z, t, cond, "student")
 
     def teacher(self, z: Tensor, t: Tensor, cond: Any) -> Tensor:
         with torch.no_grad(), adapters_disabled(self.unet):
-            return self._call(self.unet, z, t, cond)
+            return self._call(self.unet, z, t, cond, "teacher")

@@ -1,0 +1,59 @@
+"""What a run spends: teacher and student UNet evaluations (sample rows; CFG counts 2) and wall time, in
+every metrics.jsonl row, carried over a resume, and in the model card."""
+
+from __future__ import annotations
+
+import json
+
+from test_train import tiny_config
+
+from mlcm_train.distill import train_distill
+from mlcm_train.run.checkpoint import load_checkpoint
+
+
+def rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stage2_spends_what_algorithm_2_says(sd15, tmp_path):
+    """Stage 2 per sample: q student steps and the target (no grad) plus the trained call = q + 2 student
+    evaluations; p CFG teacher sub-steps = 2p teacher evaluations."""
+    teacher, prompts = sd15
+    config = tiny_config(
+        teacher, prompts, tmp_path / "run", stages=(2,), stage2_steps=3, stage2_q=2, stage2_p=2
+    )
+    train_distill(config)
+    last = rows(tmp_path / "run")[-1]
+    samples = 3 * config.batch_size
+    assert last["student_evals"] == samples * (config.stage2_q + 2)
+    assert last["teacher_evals"] == samples * 2 * config.stage2_p
+    assert last["wall_s"] > 0
+
+
+def test_stage1_online_spends_the_multistep_strategy_and_the_cfg_step(sd15, tmp_path):
+    """Stage 1 per sample: 2 L teacher evaluations to reach t_m (Algorithm 1, CFG) and 2 for the teacher
+    step; the student trains once and the target is one no-grad call. The count grows step by step."""
+    teacher, prompts = sd15
+    config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=3)
+    train_distill(config)
+    logged = rows(tmp_path / "run")
+    assert [r["student_evals"] for r in logged] == [2 * config.batch_size * (i + 1) for i in range(3)]
+    teacher_evals = [r["teacher_evals"] for r in logged]
+    assert teacher_evals == sorted(teacher_evals) and all(t % 2 == 0 for t in teacher_evals)
+    per_sample = teacher_evals[-1] / (3 * config.batch_size)
+    assert 2 < per_sample <= 2 + 2 * config.segments  # at least the CFG step, at most L = M steps more
+
+
+def test_spending_carries_over_a_resume_and_reaches_the_model_card(sd15, tmp_path):
+    teacher, prompts = sd15
+    straight = tmp_path / "straight"
+    config = tiny_config(teacher, prompts, straight, stages=(2,), stage2_steps=2)
+    train_distill(config)
+    resumed = tmp_path / "resumed"
+    train_distill(config.replace(output_dir=str(resumed)), stop_after=1)
+    assert load_checkpoint(resumed).state.student_evaluations == rows(straight)[0]["student_evals"]
+    result = train_distill(config.replace(output_dir=str(resumed)), resume=resumed)
+    for key in ("teacher_evals", "student_evals"):
+        assert rows(resumed)[-1][key] == rows(straight)[-1][key]
+    card = result.exported[0].with_suffix(".md").read_text(encoding="utf-8")
+    assert f"{rows(straight)[-1]['teacher_evals']} teacher UNet evaluations (CFG counted as 2)" in card
