@@ -131,7 +131,7 @@ def train_loop(
 ) -> LoopResult:
     """Run ``stage``'s phases from ``state`` on; ``stop_after`` ends after that many global steps with a checkpoint.
 
-    The metrics log is closed however the loop ends (a W&B run is finished, its summary written)."""
+    The metrics log is closed however the loop ends (a W&B run is finished with it)."""
     try:
         return _phases(run, roles, params, stage, state, timer, stop_after, loss_hook)
     finally:
