@@ -132,6 +132,9 @@ def test_cli_exports_a_lora_that_records_the_reward_stage(distilled, tmp_path):
     card = exported.with_suffix(".md").read_text(encoding="utf-8")
     assert "## Reward stage" in card and "Reward `brightness` (maximise loss)" in card
     assert "| reward@1 |" in card and "| heldout@2 |" in card  # before / kept, per step count
+    spent = lora.metadata.training["reward"]  # the reward stage's own cost, its evaluations included
+    assert spent["student_evaluations"] > [r for r in rows if "student_evals" in r][-1]["student_evals"] > 0
+    assert f"{spent['student_evaluations']} student UNet evaluations" in card
 
 
 def test_export_cli_rewrites_a_reward_checkpoint_or_its_kept_lora(distilled, tmp_path, capsys):

@@ -16,6 +16,7 @@ from mlcm_train.reward.guard import BEST_DIR, BEST_LORA, GUARD_FILE, RewardGuard
 from mlcm_train.reward.models import loss_used, reward_spec_name
 from mlcm_train.reward.recipe import resolve_segments
 from mlcm_train.reward.start import StartLora, read_start_lora
+from mlcm_train.run.checkpoint import TrainState
 from mlcm_train.run.export import LoraShape, check_export_formats, lora_targets, write_lora
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,15 @@ def export_reward_lora(
     )
 
 
+def spent(state: TrainState) -> dict[str, Any]:
+    """The reward stage's own cost (its UNet evaluations and loop seconds), for the metadata and the card."""
+    return {
+        "teacher_evaluations": state.teacher_evaluations,
+        "student_evaluations": state.student_evaluations,
+        "train_seconds": round(state.train_seconds, 1),
+    }
+
+
 def kept_lora(guard: RewardGuard, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA the keep-best rule chose: the guard's best, or ``current`` for "last" (PEFT-named weights)."""
     return guard.best_lora() or current
@@ -85,8 +95,10 @@ def export_kept_lora(
     global_step: int,
     out_dir: str | Path,
     loss: str | None = None,
+    state: TrainState | None = None,
 ) -> list[Path]:
-    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from and the loss used."""
+    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from, the loss used and,
+    given the run's ``state``, what the reward stage spent."""
     kept_step = guard.best["step"] if guard.best is not None and config.keep_best != "last" else global_step
     facts: dict[str, Any] = {
         "global_step": global_step,
@@ -94,6 +106,7 @@ def export_kept_lora(
         "keep_best": config.keep_best,
         "reward_name": reward_name,
         "loss": loss or config.loss,
+        **(spent(state) if state is not None else {}),
     }
     if guard.history:
         kept = next((row for row in guard.history if row["step"] == kept_step), guard.history[-1])
@@ -135,6 +148,7 @@ def export_reward_checkpoint(
         "global_step": saved.state.global_step,
         "reward_name": reward_spec_name(config.reward),
         "loss": loss_used(config.loss),
+        **spent(saved.state),
     }
     if best:
         guard_file = run_dir / BEST_DIR / GUARD_FILE

@@ -246,4 +246,5 @@ class RewardStage:
             global_step=state.global_step,
             out_dir=self.run.run_dir / "export",
             loss=self.loss,
+            state=state,
         )

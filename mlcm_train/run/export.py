@@ -184,6 +184,11 @@ def _reward_card(reward: dict[str, Any]) -> list[str]:
         f"optimizer steps; the exported weights are those of step {reward.get('kept_step', '?')} "
         f"(keep-best rule `{reward.get('keep_best', '?')}`).",
     ]
+    if reward.get("student_evaluations"):
+        lines[-1] += (
+            f" It spent {reward.get('teacher_evaluations', 0)} teacher and {reward['student_evaluations']} "
+            f"student UNet evaluations and {reward.get('train_seconds', '?')} s in the training loop."
+        )
     evaluations = reward.get("evaluations") or {}
     first, kept = evaluations.get("first"), evaluations.get("kept")
     if isinstance(first, dict) and isinstance(kept, dict):

@@ -219,6 +219,7 @@ def _phases(
         checkpoint(None)
 
     # 6. Export (main process), then every process leaves together.
+    spending.update()  # what the phase-end hooks (a reward stage's last evaluation) spent counts too
     log.info("%s", spending.summary())
     exported = stage.export(state) if run.is_main else []
     for path in exported:
