@@ -19,7 +19,7 @@ from mlcm_train.cli import main
 from mlcm_train.config import DistillConfig
 from mlcm_train.models.student import attach_lora
 from mlcm_train.models.teacher import load_teacher
-from mlcm_train.run.plan import _meta_unet, expected_mds_steps, plan_weights
+from mlcm_train.run.plan import _meta_unet, expected_mds_steps, plan_weights, teacher_configs
 from mlcm_train.run.trace import _SavedBytes, trace_call
 
 
@@ -76,8 +76,8 @@ def test_the_meta_trace_keeps_what_a_real_backward_keeps(sd15):
     (whose attention runs a fused kernel): the trace's stand-in for fused attention keeps the same bytes."""
     teacher, prompts = sd15
     config = DistillConfig(teacher=str(teacher), prompts=str(prompts), lora_rank=4, batch_size=3)
-    meta = _meta_unet(config, 4, 8.0, config.lora_targets, torch.float32)
-    traced = trace_call(meta.unet, meta.inputs(3), with_grad=True)
+    meta = _meta_unet(config, teacher_configs(config), 4, 8.0, config.lora_targets, torch.float32)
+    traced = trace_call(meta.unet, meta.inputs(3))
 
     real = _lora_unet(teacher)
     inputs = {k: torch.randn_like(v, device="cpu") if k == "sample" or k == "encoder_hidden_states" else v
@@ -111,7 +111,7 @@ def test_a_trace_counts_a_linear_layer_exactly():
     def inputs():
         return {"input": torch.empty(batch, n, device="meta")}
 
-    cost = trace_call(model, inputs, with_grad=True)
+    cost = trace_call(model, inputs)
     assert cost.forward_flops == 2 * batch * (n * m + n * r + r * m)
     assert cost.saved_bytes == 4 * batch * (n + r)
 
@@ -119,9 +119,9 @@ def test_a_trace_counts_a_linear_layer_exactly():
 def test_checkpointing_traces_less_than_keeping_everything(sd15):
     teacher, prompts = sd15
     config = DistillConfig(teacher=str(teacher), prompts=str(prompts), lora_rank=4)
-    meta = _meta_unet(config, 4, 8.0, config.lora_targets, torch.float32)
-    plain = trace_call(meta.unet, meta.inputs(4), with_grad=True)
-    checkpointed = trace_call(meta.unet, meta.inputs(4), with_grad=True, checkpointing=True)
+    meta = _meta_unet(config, teacher_configs(config), 4, 8.0, config.lora_targets, torch.float32)
+    plain = trace_call(meta.unet, meta.inputs(4))
+    checkpointed = trace_call(meta.unet, meta.inputs(4), checkpointing=True)
     assert checkpointed.saved_bytes < plain.saved_bytes
     assert checkpointed.backward_flops == plain.backward_flops + plain.forward_flops  # the recompute
 

@@ -46,19 +46,28 @@ class WeightPlan:
             f"{self.family} UNet: {self.unet_parameters / 1e6:.1f}M parameters, {self.frozen_bytes / gb:.2f} GB frozen",
             f"LoRA: {self.lora_parameters / 1e6:.2f}M parameters, {self.lora_bytes / gb:.2f} GB with gradients "
             "and optimizer moments",
-            "not counted: activations (they grow with resolution and batch), the VAE, and the text encoders "
-            "until the prompts are encoded",
         ]
 
 
-def teacher_unet_config(teacher: str, teacher_config: str | None) -> tuple[str, dict]:
-    """(family, UNet config) of a teacher path, reading only a safetensors header or JSON files."""
-    path = Path(teacher)
+@dataclass(frozen=True)
+class TeacherConfigs:
+    """What the plan reads of a teacher: its family, the diffusers folder of configs that describes it (its
+    own, or for a single file ``--teacher-config`` or the shipped one), and its UNet config."""
+
+    family: str
+    folder: Path
+    unet: dict
+
+
+def teacher_configs(config: RunConfig) -> TeacherConfigs:
+    """The teacher's configs, reading only a safetensors header or JSON files."""
+    path = Path(config.teacher)
     if path.is_dir():
-        config = folder_unet_config(path)
-        return unet_config_family(config), config
+        unet = folder_unet_config(path)
+        return TeacherConfigs(unet_config_family(unet), path, unet)
     family = detect_family(read_keys(path))
-    return family, folder_unet_config(config_folder(family, teacher_config))
+    folder = config_folder(family, config.teacher_config)
+    return TeacherConfigs(family, folder, folder_unet_config(folder))
 
 
 def lora_parameter_count(unet: nn.Module, targets: tuple[str, ...], rank: int) -> int:
@@ -89,13 +98,13 @@ def plan_weights(
 
     rank = rank if rank is not None else config.lora_rank
     targets = targets if targets is not None else tuple(config.lora_targets)
-    family, unet_config = teacher_unet_config(config.teacher, config.teacher_config)
+    teacher = teacher_configs(config)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = UNet2DConditionModel.from_config(teacher.unet)
     unet_parameters = sum(p.numel() for p in unet.parameters())
     lora = lora_parameter_count(unet, targets, rank)
     return WeightPlan(
-        family=family,
+        family=teacher.family,
         unet_parameters=unet_parameters,
         lora_parameters=lora,
         frozen_bytes=unet_parameters * WEIGHT_DTYPES[mixed_precision].itemsize,
@@ -203,7 +212,7 @@ class RunPlan:
 
     def lines(self) -> list[str]:
         gb = 2**30
-        lines = self.weights.lines()[:2]
+        lines = self.weights.lines()
         for phase in self.phases:
             text = (
                 f"{phase.label}: peak about {self.peak_bytes(phase) / gb:.2f} GB per device "
@@ -255,14 +264,18 @@ class _Unet:
 
 
 def _meta_unet(
-    config: RunConfig, rank: int, alpha: float, targets: tuple[str, ...], dtype: torch.dtype
+    config: RunConfig,
+    teacher: TeacherConfigs,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...],
+    dtype: torch.dtype,
 ) -> _Unet:
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    _, unet_config = teacher_unet_config(config.teacher, config.teacher_config)
     with torch.device("meta"):
-        unet = nn.Module.to(UNet2DConditionModel.from_config(unet_config), dtype)
+        unet = nn.Module.to(UNet2DConditionModel.from_config(teacher.unet), dtype)
         lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets))
         inject_adapter_in_model(lora, unet, adapter_name="plan")
     unet.requires_grad_(False)
@@ -270,12 +283,10 @@ def _meta_unet(
         if ".lora_" in name:
             param.data = param.data.float()  # the trainer keeps the LoRA in fp32
             param.requires_grad_(True)
-    from diffusers import AutoencoderKL
-
-    vae_config = AutoencoderKL.load_config(_config_folder(config) / "vae")
+    vae_config = AutoencoderKL.load_config(teacher.folder / "vae")
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    latent = config.resolution // factor if config.resolution else int(unet_config.get("sample_size") or 64)
-    return _Unet(unet, unet_config, latent, dtype)
+    latent = config.resolution // factor if config.resolution else int(teacher.unet.get("sample_size") or 64)
+    return _Unet(unet, teacher.unet, latent, dtype)
 
 
 def expected_mds_steps(config: DistillConfig, segments: int, batch: int) -> tuple[float, float]:
@@ -298,11 +309,10 @@ def plan_distill(config: DistillConfig, mixed_precision: str, device: torch.devi
     """Peak memory and time per optimizer step of each distill phase; ``device`` set = probe it for time."""
     dtype = WEIGHT_DTYPES[mixed_precision]
     weights = plan_weights(config, mixed_precision)
-    meta = _meta_unet(config, config.lora_rank, config.lora_alpha, tuple(config.lora_targets), dtype)
+    teacher = teacher_configs(config)
+    meta = _meta_unet(config, teacher, config.lora_rank, config.lora_alpha, tuple(config.lora_targets), dtype)
     b, accumulation = config.batch_size, config.gradient_accumulation
-    student = trace_call(
-        meta.unet, meta.inputs(b), with_grad=True, checkpointing=config.gradient_checkpointing
-    )
+    student = trace_call(meta.unet, meta.inputs(b), checkpointing=config.gradient_checkpointing)
     forward = student.forward_flops / b  # per sample
     activations = int(student.saved_bytes + BACKWARD_WORKSPACE * student.largest_saved_bytes)
     phases = []
@@ -333,7 +343,7 @@ def plan_distill(config: DistillConfig, mixed_precision: str, device: torch.devi
                 unet_calls={k: accumulation * v for k, v in calls.items()},
             )
         )
-    return RunPlan(weights, _resident_bytes(config, weights, dtype), phases, _speed(meta, b, device))
+    return RunPlan(weights, _resident_bytes(config, teacher, weights, dtype), phases, _speed(meta, device))
 
 
 def plan_reward(
@@ -355,21 +365,18 @@ def plan_reward(
 
     dtype = WEIGHT_DTYPES[mixed_precision]
     weights = plan_weights(config, mixed_precision, rank=rank, targets=targets)
-    meta = _meta_unet(config, rank, alpha, targets, dtype)
+    teacher = teacher_configs(config)
+    meta = _meta_unet(config, teacher, rank, alpha, targets, dtype)
     b, accumulation = config.batch_size, config.gradient_accumulation
-    student = trace_call(
-        meta.unet, meta.inputs(b), with_grad=True, checkpointing=config.gradient_checkpointing
-    )
+    student = trace_call(meta.unet, meta.inputs(b), checkpointing=config.gradient_checkpointing)
     forward = student.forward_flops / b
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(_config_folder(config) / "vae"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(teacher.folder / "vae"))
         vae = nn.Module.to(vae, dtype)
     vae.requires_grad_(False)
     latents = torch.empty(b, vae.config.latent_channels, meta.latent, meta.latent, device="meta", dtype=dtype)
     latents.requires_grad_(True)
-    decode = trace_call(
-        _Decoder(vae), lambda: {"latents": latents}, with_grad=True, checkpointing=config.vae_checkpointing
-    )
+    decode = trace_call(_Decoder(vae), lambda: {"latents": latents}, checkpointing=config.vae_checkpointing)
     steps = sum(config.student_steps) / len(config.student_steps)
     grad_steps = min(config.grad_steps, steps)
     workspace = BACKWARD_WORKSPACE * max(student.largest_saved_bytes, decode.largest_saved_bytes)
@@ -397,7 +404,7 @@ def plan_reward(
         unet_calls={k: accumulation * v for k, v in calls.items()},
         uncounted="the reward model (its weights and its pass), the held-out scorer",
     )
-    return RunPlan(weights, _resident_bytes(config, weights, dtype), [phase], _speed(meta, b, device))
+    return RunPlan(weights, _resident_bytes(config, teacher, weights, dtype), [phase], _speed(meta, device))
 
 
 class _Decoder(nn.Module):
@@ -417,18 +424,19 @@ class _Decoder(nn.Module):
         self.vae.disable_gradient_checkpointing()
 
 
-def _resident_bytes(config: RunConfig, weights: WeightPlan, dtype: torch.dtype) -> int:
-    vae = _module_parameters(config, "vae")
-    kept = _module_parameters(config, "text_encoders") if config.keep_text_encoders else 0
+def _resident_bytes(
+    config: RunConfig, teacher: TeacherConfigs, weights: WeightPlan, dtype: torch.dtype
+) -> int:
+    vae = _module_parameters(teacher.folder, "vae")
+    kept = _module_parameters(teacher.folder, "text_encoders") if config.keep_text_encoders else 0
     return weights.frozen_bytes + weights.lora_bytes + (vae + kept) * dtype.itemsize
 
 
-def _module_parameters(config: RunConfig, which: str) -> int:
+def _module_parameters(folder: Path, which: str) -> int:
     """Parameters of the teacher's VAE or text encoders, counted on the meta device from their configs."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = _config_folder(config)
     with torch.device("meta"):
         if which == "vae":
             module = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
@@ -441,12 +449,5 @@ def _module_parameters(config: RunConfig, which: str) -> int:
         return total
 
 
-def _config_folder(config: RunConfig) -> Path:
-    path = Path(config.teacher)
-    if path.is_dir():
-        return path
-    return config_folder(detect_family(read_keys(path)), config.teacher_config)
-
-
-def _speed(meta: _Unet, batch: int, device: torch.device | None) -> DeviceSpeed | None:
+def _speed(meta: _Unet, device: torch.device | None) -> DeviceSpeed | None:
     return None if device is None else probe_device(device, meta.dtype, meta.latent)

@@ -1,6 +1,6 @@
 """What one UNet (or VAE decoder) call costs at a given shape, traced on the meta device: no weights, no compute.
 
-A trace runs the module's real forward (and, for the trained call, its backward) on tensors that have a shape
+A trace runs the module's real forward and backward on tensors that have a shape
 and a dtype but no data, and counts:
 
 - FLOPs, with torch's own ``FlopCounterMode`` (matmuls and convolutions; elementwise work is not counted);
@@ -28,11 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 @dataclass(frozen=True)
 class CallCost:
-    """One call of a module on one batch."""
+    """One trained call of a module on one batch."""
 
     forward_flops: int
-    backward_flops: int  # 0 for a call without gradients
-    saved_bytes: int  # what autograd keeps for backward (0 without gradients)
+    backward_flops: int
+    saved_bytes: int  # what autograd keeps for backward
     largest_saved_bytes: int  # the largest single saved tensor
 
 
@@ -117,22 +117,14 @@ class _CheckpointedBlocks:
 
 
 def trace_call(
-    module: nn.Module,
-    inputs: Callable[[], dict[str, Any]],
-    *,
-    with_grad: bool,
-    checkpointing: bool = False,
+    module: nn.Module, inputs: Callable[[], dict[str, Any]], *, checkpointing: bool = False
 ) -> CallCost:
-    """The cost of ``module(**inputs())`` on the meta device, with its backward when ``with_grad``."""
+    """The cost of the trained call ``module(**inputs())`` and its backward, on the meta device."""
     with FlopCounterMode(display=False) as flops:  # the plain forward: attention counted as its matmuls
-        with torch.set_grad_enabled(with_grad):
-            out = _first_tensor(module(**inputs()))
+        out = _first_tensor(module(**inputs()))
         forward = flops.get_total_flops()
-        if with_grad:
-            out.float().sum().backward()
+        out.float().sum().backward()
     backward = flops.get_total_flops() - forward
-    if not with_grad:
-        return CallCost(forward, 0, 0, 0)
     saved = _SavedBytes(module)
     blocks = _CheckpointedBlocks(module)
     if checkpointing:
