@@ -69,15 +69,6 @@ def export_reward_lora(
     )
 
 
-def spent(state: TrainState) -> dict[str, Any]:
-    """The reward stage's own cost (its UNet evaluations and loop seconds), for the metadata and the card."""
-    return {
-        "teacher_evaluations": state.teacher_evaluations,
-        "student_evaluations": state.student_evaluations,
-        "train_seconds": round(state.train_seconds, 1),
-    }
-
-
 def kept_lora(guard: RewardGuard, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA the keep-best rule chose: the guard's best, or ``current`` for "last" (PEFT-named weights)."""
     return guard.best_lora() or current
@@ -92,13 +83,13 @@ def export_kept_lora(
     reward_name: str,
     segments: int,
     family: str,
-    global_step: int,
+    state: TrainState,
     out_dir: str | Path,
     loss: str | None = None,
-    state: TrainState | None = None,
 ) -> list[Path]:
-    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from, the loss used and,
-    given the run's ``state``, what the reward stage spent."""
+    """Export ``chosen`` (from ``kept_lora``) with metadata naming the step it comes from, the loss used and
+    what the reward stage spent (from the run's ``state``)."""
+    global_step = state.global_step
     kept_step = guard.best["step"] if guard.best is not None and config.keep_best != "last" else global_step
     facts: dict[str, Any] = {
         "global_step": global_step,
@@ -106,7 +97,7 @@ def export_kept_lora(
         "keep_best": config.keep_best,
         "reward_name": reward_name,
         "loss": loss or config.loss,
-        **(spent(state) if state is not None else {}),
+        **state.spending(),  # the reward stage's own cost
     }
     if guard.history:
         kept = next((row for row in guard.history if row["step"] == kept_step), guard.history[-1])
@@ -148,7 +139,7 @@ def export_reward_checkpoint(
         "global_step": saved.state.global_step,
         "reward_name": reward_spec_name(config.reward),
         "loss": loss_used(config.loss),
-        **spent(saved.state),
+        **saved.state.spending(),
     }
     if best:
         guard_file = run_dir / BEST_DIR / GUARD_FILE

@@ -243,8 +243,7 @@ class RewardStage:
             reward_name=self.reward.name,
             segments=self.segments,
             family=self.run.teacher.family,
-            global_step=state.global_step,
+            state=state,
             out_dir=self.run.run_dir / "export",
             loss=self.loss,
-            state=state,
         )

@@ -57,6 +57,14 @@ class TrainState:
     student_evaluations: int = 0
     train_seconds: float = 0.0
 
+    def spending(self) -> dict[str, int | float]:
+        """What the run has spent, as an export's metadata and model card record it."""
+        return {
+            "teacher_evaluations": self.teacher_evaluations,
+            "student_evaluations": self.student_evaluations,
+            "train_seconds": round(self.train_seconds, 1),
+        }
+
 
 @dataclass
 class Checkpoint:
