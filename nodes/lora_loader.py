@@ -18,6 +18,7 @@ import comfy.supported_models
 import folder_paths
 from comfy_api.latest import io
 
+from ..mlcm import DEFAULT_SEGMENTS
 from ..mlcm.lora import (
     FAMILY_NAMES,
     LoraWeights,
@@ -157,7 +158,9 @@ def describe(lora: LoraWeights, applied: int, family: str | None, strength: floa
         scale = f"{len(scales)} different alpha/rank scales"
     metadata = lora.metadata
     segments = metadata.segments if metadata is not None else None
-    supported = (metadata.supported_steps if metadata is not None else None) or range(1, (segments or 8) + 1)
+    supported = (metadata.supported_steps if metadata is not None else None) or range(
+        1, (segments or DEFAULT_SEGMENTS) + 1
+    )
     steps = list(supported)
     step_text = (
         f"{steps[0]}-{steps[-1]}"
