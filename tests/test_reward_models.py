@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_reward_models import TINY_IMAGE, TINY_PROJECTION, make_tiny_clip
+from tiny_reward_models import TINY_IMAGE, TINY_PROJECTION, build_tiny_classifier, make_tiny_clip
 
 from mlcm_train.eval.clip_score import ClipScorer, clip_preprocess
 from mlcm_train.eval.weights import MissingWeightsError
@@ -108,13 +108,10 @@ def test_aesthetic_reward_head_and_clip_subfolder(tmp_path, clip_folder):
 
 def test_classifier_reward_is_the_demo_log_probability(tmp_path):
     from mlcm_train.data import digits as data
-    from mlcm_train.demo.classifier_train import ClassifierRecipe, save_classifier
-    from mlcm_train.eval.digits import DigitClassifier, classifier_reward
+    from mlcm_train.demo.classifier_train import save_classifier
+    from mlcm_train.eval.digits import classifier_reward
 
-    recipe = ClassifierRecipe(channels=(4, 4, 4), features=8)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = DigitClassifier(recipe.channels, recipe.features)
+    model, recipe = build_tiny_classifier()
     save_classifier(model, tmp_path, recipe)
     reward = build_reward(f"classifier={tmp_path}")
     prompts = [data.caption(7, 0), data.caption(1, 2)]

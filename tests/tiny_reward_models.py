@@ -57,14 +57,22 @@ def make_tiny_aesthetic(folder, clip_folder):
     return folder
 
 
-def make_tiny_classifier(folder):
-    """A random coloured-digits classifier saved as the demo ships it (the ``classifier=`` reward)."""
-    from mlcm_train.demo.classifier_train import ClassifierRecipe, save_classifier
+def build_tiny_classifier():
+    """(model, recipe) of a small random coloured-digits classifier, the same on every call."""
+    from mlcm_train.demo.classifier_train import ClassifierRecipe
     from mlcm_train.eval.digits import DigitClassifier
 
     recipe = ClassifierRecipe(channels=(4, 4, 4), features=8)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         model = DigitClassifier(recipe.channels, recipe.features)
+    return model, recipe
+
+
+def make_tiny_classifier(folder):
+    """``build_tiny_classifier``'s model saved as the demo ships it (the ``classifier=`` reward)."""
+    from mlcm_train.demo.classifier_train import save_classifier
+
+    model, recipe = build_tiny_classifier()
     save_classifier(model, folder, recipe)
     return folder
