@@ -249,15 +249,20 @@ def _run_reward(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from mlcm_train.demo.retrain import retrain_assets
-    from mlcm_train.demo.run import ASSET_DIR, run_demo
+    from mlcm_train.demo.run import run_demo
+    from mlcm_train.eval.digits import DEMO_TEACHERS
 
     changes = {"out": args.out, "reward": args.reward}
-    for name in ("iterations", "stage2_iterations", "samples", "teacher", "threads", "reward_iterations"):
+    for name in ("iterations", "stage2_iterations", "samples", "threads", "reward_iterations"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    # A shipped teacher by its set's name, else a folder.
+    dataset = args.teacher if args.teacher in DEMO_TEACHERS else None
+    if args.teacher is not None:
+        changes["teacher"] = DEMO_TEACHERS[dataset] if dataset is not None else Path(args.teacher)
     settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)
     if args.retrain_teacher:
-        retrain_assets(settings.teacher or ASSET_DIR)
+        retrain_assets(settings.teacher, dataset)
     result = run_demo(settings)
     log.info("report: %s", ", ".join(str(p) for p in result.files.values()))
     return 0
@@ -348,7 +353,7 @@ def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="distill MLCM from the shipped tiny teacher on CPU and write the quality-vs-steps report",
-        description="Distills an MLCM LoRA and an LCM-style baseline from the shipped coloured-digits teacher "
+        description="Distills an MLCM LoRA and an LCM-style baseline from a shipped teacher (coloured digits, or --teacher shapes) "
         "through the same `distill` code, then measures FD, prompt accuracy, reward and time per image for the "
         "teacher, the baseline and MLCM at 1-8 steps, before and after reward tuning. Writes table.md/json, "
         "samples.png and quality_vs_steps.png.",
@@ -382,7 +387,10 @@ def _add_demo(commands: Any) -> None:
         help="skip the reward stage and its 'MLCM + stage 2 + reward' rows",
     )
     demo.add_argument(
-        "--teacher", type=Path, metavar="PATH", help="teacher folder (default: the shipped one)"
+        "--teacher",
+        metavar="PATH",
+        help="a teacher folder with its classifier, or the name of a shipped demo teacher: digits (the "
+        "default) or shapes",
     )
     demo.add_argument(
         "--retrain-teacher",

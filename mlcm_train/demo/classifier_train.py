@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mlcm_train.data import digits as data
 from mlcm_train.eval.digits import CONFIG_FILE, WEIGHTS_FILE, DigitClassifier
 
 
@@ -19,6 +18,7 @@ class ClassifierRecipe:
     """Architecture and training of the demo classifier (written next to its weights)."""
 
     seed: int = 0
+    dataset: str = "digits"  # the captioned set it classifies (mlcm_train.data.captioned.DATASET_NAMES)
     channels: tuple[int, ...] = (32, 64, 64)
     features: int = 64  # dimension of the FD feature space
     steps: int = 1500
@@ -39,21 +39,22 @@ def _augment(images: Tensor, recipe: ClassifierRecipe, generator: torch.Generato
 
 
 def train_classifier(recipe: ClassifierRecipe | None = None, *, progress: bool = True) -> DigitClassifier:
-    """Cross-entropy on digit and colour over the training split, every digit in random colours."""
+    """Cross-entropy on class and colour over the recipe set's training split, every image in random colours."""
     from tqdm.auto import trange
 
     recipe = recipe or ClassifierRecipe()
     torch.manual_seed(recipe.seed)  # layer initialisation uses the global RNG
-    model = DigitClassifier(recipe.channels, recipe.features)
-    train = data.load_split("train")
+    model = DigitClassifier(recipe.channels, recipe.features, recipe.dataset)
+    dataset = model.dataset
+    train = dataset.load_split("train")
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
     bar = trange(recipe.steps, desc="classifier", disable=not progress)
     for _ in bar:
         index = torch.randint(0, len(train), (recipe.batch_size,), generator=generator)
-        colours = data.random_colours(recipe.batch_size, generator)
-        images = _augment(data.colourise(train.masks[index], colours), recipe, generator)
+        colours = dataset.random_colours(recipe.batch_size, generator)
+        images = _augment(dataset.colourise(train.masks[index], colours), recipe, generator)
         digit_logits, colour_logits = model(images)
         loss = nn.functional.cross_entropy(digit_logits, train.digits[index]) + nn.functional.cross_entropy(
             colour_logits, colours

@@ -1,7 +1,8 @@
-"""``--retrain-teacher``: re-create the shipped teacher and classifier from their recipes (hours on 2 CPU cores)."""
+"""``--retrain-teacher``: re-create a shipped demo teacher and its classifier from their recipes (minutes to hours on 2 CPU cores)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,8 +15,12 @@ from mlcm_train.eval.digits import CONFIG_FILE
 log = logging.getLogger(__name__)
 
 
-def retrain_assets(folder: str | Path) -> Path:
-    """Train both with the recipes stored in ``folder`` (or the defaults) and replace the folder's contents."""
+def retrain_assets(folder: str | Path, dataset: str | None = None) -> Path:
+    """Train both with the recipes stored in ``folder`` (or the defaults) and replace the folder's contents.
+
+    ``dataset`` picks the captioned set when ``folder`` holds no recipe yet (default: digits); with a recipe it
+    must agree with it.
+    """
     folder = Path(folder)
     teacher_recipe, classifier_recipe = TeacherRecipe(), ClassifierRecipe()
     if (folder / RECIPE_FILE).is_file():
@@ -27,6 +32,15 @@ def retrain_assets(folder: str | Path) -> Path:
         classifier_recipe = ClassifierRecipe(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         )
+    if dataset is not None:
+        for recipe in (teacher_recipe, classifier_recipe):
+            if (folder / RECIPE_FILE).is_file() and recipe.dataset != dataset:
+                raise ValueError(
+                    f"{folder} holds a {recipe.dataset} recipe but dataset={dataset!r} was asked; "
+                    "retrain into an empty folder, or drop the dataset"
+                )
+        teacher_recipe = dataclasses.replace(teacher_recipe, dataset=dataset)
+        classifier_recipe = dataclasses.replace(classifier_recipe, dataset=dataset)
     staging = folder.parent / (folder.name + ".new")
     log.info("retraining the demo teacher into %s (recipe %s)", staging, teacher_recipe.to_dict())
     train_teacher(staging, teacher_recipe, work_dir=folder.parent / (folder.name + ".work"))

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mlcm_train.data import digits as data
+from mlcm_train.data import captioned
+from mlcm_train.data.captioned import CaptionedSet, MaskSplit
 from mlcm_train.demo.vocab import BOS, CONTEXT_LENGTH, EOS, write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TeacherRecipe:
     """Everything that determines the shipped teacher (written next to it as teacher_recipe.json)."""
 
     seed: int = 0
+    dataset: str = "digits"  # the captioned image set (mlcm_train.data.captioned.DATASET_NAMES)
     vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels: 32x32 -> 8x8 latents
     vae_groups: int = 8  # GroupNorm groups (must divide every channel count)
     latent_channels: int = 4  # SD's latent depth
@@ -93,9 +95,9 @@ def build_components(recipe: TeacherRecipe, vocab_size: int) -> dict[str, torch.
         layers_per_block=1,
         latent_channels=recipe.latent_channels,
         norm_num_groups=recipe.vae_groups,
-        sample_size=data.IMAGE_SIZE,
+        sample_size=captioned.IMAGE_SIZE,
     )
-    latent_side = data.IMAGE_SIZE // 2 ** (levels - 1)
+    latent_side = captioned.IMAGE_SIZE // 2 ** (levels - 1)
     # Cross-attention below the top level (and in the mid block), as cheap as SD1.5's layout allows.
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(recipe.unet_channels) - 1)
     up = ("CrossAttnUpBlock2D",) * (len(recipe.unet_channels) - 1) + ("UpBlock2D",)
@@ -149,8 +151,9 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup)
 
 
-def train_vae(vae: torch.nn.Module, recipe: TeacherRecipe, train: data.DigitSplit, progress: bool) -> float:
-    """Fit the VAE on coloured training digits; returns the final reconstruction MSE."""
+def train_vae(vae: torch.nn.Module, recipe: TeacherRecipe, train: MaskSplit, progress: bool) -> float:
+    """Fit the VAE on the recipe's coloured training images; returns the final reconstruction MSE."""
+    dataset = captioned.get(recipe.dataset)
     from tqdm.auto import trange
 
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -160,8 +163,8 @@ def train_vae(vae: torch.nn.Module, recipe: TeacherRecipe, train: data.DigitSpli
     bar = trange(recipe.vae_steps, desc="teacher VAE", disable=not progress)
     for _ in bar:
         index = torch.randint(0, len(train), (recipe.vae_batch_size,), generator=generator)
-        colours = data.random_colours(recipe.vae_batch_size, generator)
-        images = data.colourise(train.masks[index], colours) * 2.0 - 1.0
+        colours = dataset.random_colours(recipe.vae_batch_size, generator)
+        images = dataset.colourise(train.masks[index], colours) * 2.0 - 1.0
         posterior = vae.encode(images).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(latents).sample
@@ -177,12 +180,12 @@ def train_vae(vae: torch.nn.Module, recipe: TeacherRecipe, train: data.DigitSpli
 
 
 @torch.no_grad()
-def encode_training_latents(vae: torch.nn.Module, train: data.DigitSplit) -> Tensor:
-    """Posterior means of every training digit in every colour: (N, colours, C, h, w), unscaled."""
+def encode_training_latents(vae: torch.nn.Module, train: MaskSplit, dataset: CaptionedSet) -> Tensor:
+    """Posterior means of every training image in every colour: (N, colours, C, h, w), unscaled."""
     out = []
-    for c in range(len(data.COLOUR_NAMES)):
+    for c in range(len(dataset.colours)):
         colours = torch.full((len(train),), c, dtype=torch.long)
-        images = data.colourise(train.masks, colours) * 2.0 - 1.0
+        images = dataset.colourise(train.masks, colours) * 2.0 - 1.0
         out.append(torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(256)]))
     return torch.stack(out, dim=1)
 
@@ -210,7 +213,7 @@ class _Ema:
 def train_unet(
     components: dict[str, torch.nn.Module],
     latents: Tensor,
-    train: data.DigitSplit,
+    train: MaskSplit,
     tokenizer,
     recipe: TeacherRecipe,
     work_dir: Path,
@@ -220,7 +223,8 @@ def train_unet(
     from tqdm.auto import trange
 
     unet, text_encoder = components["unet"], components["text_encoder"]
-    captions = data.all_captions()
+    dataset = captioned.get(recipe.dataset)
+    captions = dataset.all_captions()
     caption_ids = _token_ids(tokenizer, captions)
     empty_ids = _token_ids(tokenizer, [""])
     acp = _ddpm_alphas_cumprod()
@@ -248,9 +252,9 @@ def train_unet(
         # Each step's draws depend only on (seed, step), so a resumed run sees the same data.
         generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         index = torch.randint(0, len(train), (recipe.batch_size,), generator=generator)
-        colours = data.random_colours(recipe.batch_size, generator)
+        colours = dataset.random_colours(recipe.batch_size, generator)
         x0 = latents[index, colours] * components["vae"].config.scaling_factor
-        ids = caption_ids[train.digits[index] * len(data.COLOUR_NAMES) + colours]
+        ids = caption_ids[train.digits[index] * len(dataset.colours) + colours]
         drop = torch.rand(recipe.batch_size, generator=generator) < recipe.cfg_dropout
         ids = torch.where(drop[:, None], empty_ids, ids)
         t = torch.randint(0, len(acp), (recipe.batch_size,), generator=generator)
@@ -297,7 +301,7 @@ def save_pipeline(components: dict[str, torch.nn.Module], folder: Path, recipe: 
     for name in ("unet", "vae", "text_encoder"):
         module = copy.deepcopy(components[name]).half()  # fp16 on disk; loaders upcast to the asked dtype
         module.save_pretrained(folder / name, safe_serialization=True)
-    write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", captioned.get(recipe.dataset).vocabulary())
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -330,7 +334,8 @@ def train_teacher(
     work = Path(work_dir) if work_dir is not None else folder.parent / (folder.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)  # module initialisation draws from the global RNG (diffusers' convention)
-    tokenizer_dir = write_tokenizer(work / "tokenizer")
+    dataset = captioned.get(recipe.dataset)
+    tokenizer_dir = write_tokenizer(work / "tokenizer", dataset.vocabulary())
     tokenizer = _tokenizer(tokenizer_dir)
     if (
         tokenizer.convert_tokens_to_ids(BOS) != len(tokenizer) - 2
@@ -338,7 +343,7 @@ def train_teacher(
     ):
         raise RuntimeError("the demo vocabulary must end with BOS, EOS (CLIP's layout); vocab.py changed?")
     components = build_components(recipe, len(tokenizer))
-    train = data.load_split("train")
+    train = dataset.load_split("train")
     started = time.perf_counter()
     vae_path = work / "vae_state.pt"
     if vae_path.is_file():
@@ -350,7 +355,7 @@ def train_teacher(
     else:
         mse = train_vae(components["vae"], recipe, train, progress)
         log.info("VAE reconstruction MSE %.5f (images in [-1, 1])", mse)
-        latents = encode_training_latents(components["vae"], train)
+        latents = encode_training_latents(components["vae"], train, dataset)
         scaling = float(1.0 / latents.std())  # SD's convention: unit-variance diffusion latents
         components["vae"].register_to_config(scaling_factor=scaling)
         torch.save(

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlcm_train.data.captioned import CAPTION_WORDS
 from mlcm_train.data.digits import COLOUR_NAMES, DIGIT_WORDS
 
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 16  # tokens; the longest demo caption is 8 words + BOS/EOS
-EXTRA_WORDS = ("a", "on", "dark", "background", "digit", "number", "of", "the", "light", "black")
+EXTRA_WORDS = CAPTION_WORDS
+# The digits teacher's words (its shipped tokenizer); another set passes CaptionedSet.vocabulary().
 WORDS = tuple(dict.fromkeys((*EXTRA_WORDS, *DIGIT_WORDS, *COLOUR_NAMES)))
 
 
@@ -82,11 +84,11 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
 
 
-def write_tokenizer(directory: str | Path) -> Path:
+def write_tokenizer(directory: str | Path, words: tuple[str, ...] = WORDS) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json loadable by ``CLIPTokenizer.from_pretrained``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    merges = build_merges()
+    merges = build_merges(words)
     vocab = build_vocab(merges)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]

@@ -1,6 +1,7 @@
-"""The coloured-digits classifier as a metric and a reward: the demo's FD, prompt accuracy and classifier reward.
+"""A demo set's classifier as a metric and a reward: the demo's FD, prompt accuracy and classifier reward.
 
-A small CNN trained on the real coloured digits (``mlcm_train.data.digits``), shipped with the demo teacher.
+A small CNN trained on the real coloured images of a captioned set (``mlcm_train.data.captioned``: the digits
+or the shapes), shipped beside the demo teacher of that set; its config names the set.
 Three uses: its penultimate features define the demo's Frechet distance (as Inception's do for FID, Heusel
 et al. 2017); its argmax says whether an image shows the caption's digit and colour (prompt accuracy); and
 the tempered ``log p_T(digit | x) + log p_T(colour | x)`` of the caption's labels is a differentiable reward
@@ -18,13 +19,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mlcm_train.data import digits as data
+from mlcm_train.data import captioned
+from mlcm_train.data.captioned import CaptionedSet
 from mlcm_train.eval.frechet import frechet_distance_from_stats, gaussian_stats
 
 log = logging.getLogger(__name__)
 
-# The shipped demo teacher's folder; its classifier lives beside the pipeline.
-DEMO_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo_teacher"
+# The shipped demo teachers' folders, by captioned set; each classifier lives beside its pipeline.
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_ASSETS = _ASSETS / "demo_teacher"  # the digits teacher, the demo's default
+DEMO_TEACHERS = {"digits": DEMO_ASSETS, "shapes": _ASSETS / "shapes_teacher"}
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier_config.json"
 # The reward's softmax temperature. At T=1 it saturates: the demo's stage-2 student at 4 steps scores
@@ -36,27 +40,34 @@ REWARD_TEMPERATURE = 4.0
 
 
 class DigitClassifier(nn.Module):
-    """conv-relu-pool x3 -> linear features (FD space) -> digit and colour heads. Input: images in [0, 1]."""
+    """conv-relu-pool x3 -> linear features (FD space) -> class and colour heads. Input: images in [0, 1].
 
-    def __init__(self, channels: Sequence[int] = (32, 64, 64), features: int = 64) -> None:
+    ``dataset`` is the captioned set it classifies (its class and colour counts size the heads); the class
+    head keeps the name ``digit_head``, which the shipped weights use.
+    """
+
+    def __init__(
+        self, channels: Sequence[int] = (32, 64, 64), features: int = 64, dataset: str = "digits"
+    ) -> None:
         super().__init__()
+        self.dataset: CaptionedSet = captioned.get(dataset)
         layers: list[nn.Module] = []
         previous = 3
         for width in channels:
             layers += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             previous = width
         self.conv = nn.Sequential(*layers)
-        side = data.IMAGE_SIZE // 2 ** len(channels)
+        side = self.dataset.image_size // 2 ** len(channels)
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(previous * side * side, features), nn.ReLU())
-        self.digit_head = nn.Linear(features, len(data.DIGIT_WORDS))
-        self.colour_head = nn.Linear(features, len(data.COLOUR_NAMES))
+        self.digit_head = nn.Linear(features, len(self.dataset.class_words))
+        self.colour_head = nn.Linear(features, len(self.dataset.colours))
 
     def embed(self, images: Tensor) -> Tensor:
         """Penultimate features (B, features)."""
         return self.features(self.conv(images * 2.0 - 1.0))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(digit logits, colour logits)."""
+        """(class logits, colour logits)."""
         feats = self.embed(images)
         return self.digit_head(feats), self.colour_head(feats)
 
@@ -73,7 +84,7 @@ def load_classifier(folder: str | Path) -> DigitClassifier:
             "(re-create it with `python -m mlcm_train demo --retrain-teacher`)"
         )
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    model = DigitClassifier(config["channels"], config["features"])
+    model = DigitClassifier(config["channels"], config["features"], config.get("dataset", "digits"))
     model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
     model.requires_grad_(False)
     return model.eval()
@@ -86,13 +97,14 @@ def classifier_reward(
     *,
     temperature: float = REWARD_TEMPERATURE,
 ) -> Tensor:
-    """Differentiable reward per image: ``log p_T(digit | x) + log p_T(colour | x)`` of the prompt's labels.
+    """Differentiable reward per image: ``log p_T(class | x) + log p_T(colour | x)`` of the prompt's labels.
 
     ``p_T = softmax(logits / temperature)``; the reward is <= 0, and 0 only for infinitely confident images.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive")
-    labels = torch.tensor([data.parse_caption(p) for p in prompts], dtype=torch.long, device=images.device)
+    parse = model.dataset.parse_caption
+    labels = torch.tensor([parse(p) for p in prompts], dtype=torch.long, device=images.device)
     digit_logits, colour_logits = model(images)
     digit_lp = (digit_logits / temperature).log_softmax(-1).gather(1, labels[:, :1]).squeeze(1)
     colour_lp = (colour_logits / temperature).log_softmax(-1).gather(1, labels[:, 1:]).squeeze(1)
@@ -130,18 +142,12 @@ class DemoScores:
 
 
 class DemoEvaluator:
-    """Scores generated images against the held-out split shown in every colour (297 x 6 real images)."""
+    """Scores generated images against the classifier's held-out split shown in every colour (digits: 297 x 6)."""
 
     def __init__(self, classifier: DigitClassifier) -> None:
         self.classifier = classifier
-        reference = data.load_split("heldout")
-        images = torch.cat(
-            [
-                data.colourise(reference.masks, torch.full((len(reference),), c, dtype=torch.long))
-                for c in range(len(data.COLOUR_NAMES))
-            ]
-        )
-        features, _, _ = predict(classifier, images)
+        self.dataset = classifier.dataset
+        features, _, _ = predict(classifier, self.dataset.every_colour("heldout"))
         self.reference_stats = gaussian_stats(features)
 
     @torch.no_grad()
@@ -151,7 +157,7 @@ class DemoEvaluator:
             raise ValueError(
                 f"{images.shape[0]} images but {len(prompts)} prompts; give one prompt per image"
             )
-        labels = torch.tensor([data.parse_caption(p) for p in prompts], dtype=torch.long)
+        labels = torch.tensor([self.dataset.parse_caption(p) for p in prompts], dtype=torch.long)
         features, digits, colours = predict(self.classifier, images)
         digit_ok = digits == labels[:, 0]
         colour_ok = colours == labels[:, 1]

@@ -52,7 +52,6 @@ def build_heldout(spec: str, device: str | torch.device = "cpu") -> HeldOut:
     """``fd=<demo classifier folder>`` (demo FD, lower is better) or a reward spec (mean score, higher is better)."""
     name, _, path = spec.partition("=")
     if name.strip().lower() == HELDOUT_FD:
-        from mlcm_train.data import digits as data
         from mlcm_train.eval.digits import DemoEvaluator, load_classifier
 
         if not path:
@@ -60,7 +59,7 @@ def build_heldout(spec: str, device: str | torch.device = "cpu") -> HeldOut:
                 "--heldout fd needs the demo classifier folder: fd=<folder with classifier.safetensors>"
             )
         evaluator = DemoEvaluator(load_classifier(path))
-        size = (data.IMAGE_SIZE, data.IMAGE_SIZE)
+        size = (evaluator.dataset.image_size,) * 2
 
         def frechet(images: Tensor, prompts: Sequence[str]) -> float:
             images = torch.nn.functional.interpolate(images.float().cpu(), size=size, mode="bilinear")

@@ -254,11 +254,11 @@ class ClassifierReward:
         self.model = freeze(load_classifier(folder), device)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        from mlcm_train.data import digits as data
         from mlcm_train.eval.digits import classifier_reward
 
-        if images.shape[-1] != data.IMAGE_SIZE or images.shape[-2] != data.IMAGE_SIZE:
-            size = (data.IMAGE_SIZE, data.IMAGE_SIZE)
+        side = self.model.dataset.image_size
+        if images.shape[-1] != side or images.shape[-2] != side:
+            size = (side, side)
             images = nn.functional.interpolate(
                 images.float(), size=size, mode="bilinear", align_corners=False
             )
