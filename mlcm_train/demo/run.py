@@ -26,7 +26,7 @@ import torch
 
 from mlcm import lcm_timesteps, segment_timesteps
 from mlcm_train.config import LORA_TARGET_MODULES, DistillConfig
-from mlcm_train.data import digits as data
+from mlcm_train.data.captioned import CaptionedSet
 from mlcm_train.demo.recipe import DEMO_REWARD_ITERATIONS, demo_reward_config
 from mlcm_train.demo.report import Row, write_grid, write_plot, write_table
 from mlcm_train.distill import train_distill
@@ -94,22 +94,18 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _prompt_file(folder: Path) -> Path:
+def _prompt_file(folder: Path, dataset: CaptionedSet) -> Path:
     path = folder / "prompts.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(data.all_captions()) + "\n", encoding="utf-8")
+    path.write_text("\n".join(dataset.all_captions()) + "\n", encoding="utf-8")
     return path
 
 
-def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, stages: tuple[int, ...]):
-    """One ``train_distill()`` run; returns {stage: LoRA state dict} read from the phase-boundary checkpoints."""
-
-    run_dir = settings.out / "runs" / name
-    if run_dir.exists():
-        shutil.rmtree(
-            run_dir
-        )  # the demo's own scratch folder; train_distill() refuses to start over checkpoints
-    config = DistillConfig(
+def distill_config(
+    settings: DemoSettings, prompts: Path, run_dir: Path, segments: int, stages: tuple[int, ...], **changes
+) -> DistillConfig:
+    """The demo's ``DistillConfig`` of one run: its recipe at ``segments`` and ``stages``, plus ``changes``."""
+    values = dict(
         teacher=str(settings.teacher),
         prompts=str(prompts),
         segments=segments,
@@ -131,13 +127,27 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
         sample_steps=tuple(s for s in (1, 2, 4, 8) if s <= segments),
         log_every=10,
     )
-    train_distill(config)
+    values.update(changes)
+    return DistillConfig(**values)
+
+
+def stage_loras(run_dir: Path, stages: tuple[int, ...]) -> dict[int, dict[str, torch.Tensor]]:
+    """{stage: LoRA state dict} of a finished demo run, read from its phase-boundary checkpoints."""
     loras = {}
     for checkpoint in list_checkpoints(run_dir):
         saved = load_checkpoint(checkpoint)
         if saved.state.phase_step == 0 and saved.state.phase > 0:
             loras[stages[saved.state.phase - 1]] = saved.lora
     return loras
+
+
+def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, stages: tuple[int, ...]):
+    """One ``train_distill()`` run; returns {stage: LoRA state dict} read from the phase-boundary checkpoints."""
+    run_dir = settings.out / "runs" / name
+    if run_dir.exists():  # the demo's own scratch folder; train_distill() refuses to start over checkpoints
+        shutil.rmtree(run_dir)
+    train_distill(distill_config(settings, prompts, run_dir, segments, stages))
+    return stage_loras(run_dir, stages)
 
 
 def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -179,7 +189,8 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    loras, reward_facts = _train_all(settings, _prompt_file(out), timings)
+    dataset = load_classifier(settings.teacher).dataset  # the set the teacher was trained on
+    loras, reward_facts = _train_all(settings, _prompt_file(out, dataset), timings)
 
     tick = time.perf_counter()
     bench = _Bench(settings)
@@ -247,14 +258,20 @@ class _Bench:
         )
         self.unet.requires_grad_(False)
         self.evaluator = DemoEvaluator(load_classifier(settings.teacher))
-        self.prompts = [data.all_captions()[i % 60] for i in range(settings.samples)]
+        dataset = self.evaluator.dataset
+        captions = dataset.all_captions()
+        self.prompts = [captions[i % len(captions)] for i in range(settings.samples)]
         self.cond = self.teacher.encode_prompts(self.prompts)
         self.uncond = self.teacher.uncond(settings.samples)
         generator = torch.Generator().manual_seed(settings.seed)
         self.noise = torch.randn(self.teacher.latent_shape(settings.samples), generator=generator)
-        # Grid columns: digit d in colour d mod 6 (prompt index d * 6 + d mod 6), every digit once when possible.
-        colours = len(data.COLOUR_NAMES)
-        self.grid_index = [d * colours + d % colours for d in range(settings.grid_columns)]
+        # Grid column d: class d mod K in colour d mod C (prompt index class * C + colour), every class once when
+        # possible; columns beyond the K classes take the next image of that caption.
+        classes, colours = len(dataset.class_words), len(dataset.colours)
+        self.grid_index = [
+            (d // classes) * len(captions) + (d % classes) * colours + d % colours
+            for d in range(settings.grid_columns)
+        ]
         if max(self.grid_index) >= settings.samples:
             self.grid_index = list(range(min(settings.grid_columns, settings.samples)))
 
