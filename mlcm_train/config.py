@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 from mlcm.lora import TARGET_MODULE_PATTERNS
 from mlcm.segments import segment_boundaries
-from mlcm_train.method.settings import LOSS_TYPES, RENOISE_MODES, DistillSettings
+from mlcm_train.method.settings import LOSS_TYPES, RENOISE_MODES, STAGE1_STATES, DistillSettings
 
 # The 14 UNet module patterns of the official MLCM/TLCM LoRA (docs/method.md, "The LoRA"), defined in mlcm.lora.
 LORA_TARGET_MODULES = TARGET_MODULE_PATTERNS
@@ -245,6 +245,12 @@ class DistillConfig(RunConfig):
     trajectories: str | None = option(
         None, "folder of pre-generated trajectory shards for stage 1 (default: online)", "PATH"
     )
+    stage1_states: str = option(
+        "mds",
+        "how online stage 1 reaches its states: mds (Algorithm 1, one teacher trajectory per sample) or "
+        "shared (one trajectory per M samples, one state per segment: fewer teacher calls; ours)",
+        "{mds,shared}",
+    )
 
     # --- the method ---
     segments: int = option(8, "M, the paper's segment count", "N")
@@ -267,6 +273,12 @@ class DistillConfig(RunConfig):
     stage2_p: int = option(3, "teacher CFG-DDIM sub-steps of stage 2's target (paper)", "N")
     stage2_renoise: str = option(
         "same", "stage-2 forward-diffusion noise: the starting noise again, or fresh draws", "{same,fresh}"
+    )
+    stage2_stage1_weight: float = option(
+        0.0,
+        "weight of the stage-1 loss kept beside the stage-2 loss during stage 2, as a regulariser of the "
+        "segment-wise consistency that 4-8 step sampling relies on (ours; 0 = off, as the paper)",
+        "F",
     )
     ema_decay: float | None = option(
         None, "EMA of the LoRA weights as the target (default: the online student, as the paper)", "F"
@@ -302,10 +314,15 @@ class DistillConfig(RunConfig):
             self, 1, ("segments", "skip", "stage1_steps", "stage2_steps", "stage2_q", "stage2_p", "lora_rank")
         )
         _check_positive(self, ("lr_stage1", "lr_stage2", "lora_alpha", "huber_c"))
+        if self.stage2_stage1_weight < 0:
+            raise ValueError(
+                f"stage2_stage1_weight={self.stage2_stage1_weight} must be >= 0 (0 turns the regulariser off)"
+            )
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale={self.guidance_scale} must be at least 1 (1 = no CFG)")
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("stage2_renoise", self.stage2_renoise, RENOISE_MODES)
+        check_choice("stage1_states", self.stage1_states, STAGE1_STATES)
         if (
             not self.stages
             or any(s not in (1, 2) for s in self.stages)

@@ -11,7 +11,7 @@ denoising strategy (online, or from pre-generated trajectory shards), stage 2 on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from mlcm_train.data.trajectories import (
 )
 from mlcm_train.method.consistency import stage1_loss, stage2_loss
 from mlcm_train.method.settings import DistillSettings
-from mlcm_train.method.teacher_ddim import mds_states
-from mlcm_train.method.timesteps import sample_stage1_timesteps
+from mlcm_train.method.teacher_ddim import mds_states, shared_trajectory_states
+from mlcm_train.method.timesteps import sample_stage1_timesteps, shared_stage1_timesteps
 from mlcm_train.models.lpips import load_latent_lpips
 from mlcm_train.models.student import LoraEMA, attach_lora, load_lora_file, lora_state_dict
 from mlcm_train.run.checkpoint import Checkpoint, TrainState
@@ -147,18 +147,35 @@ class DistillStage:
         plan = self._plans[phase.index]
         if plan.stage == 1:
             return [lambda: self.stage1(phase.index, plan, samples)]
-        return [lambda: self.stage2(phase.index, plan, samples)]
+        terms = [lambda: self.stage2(phase.index, plan, samples)]
+        weight = self.config.stage2_stage1_weight
+        if weight > 0:
+            terms.append(lambda: self.stage1_regulariser(phase.index, plan, samples, weight))
+        return terms
 
-    def stage1(self, index: int, plan: _PhasePlan, samples: range) -> tuple[Tensor, dict[str, float]]:
+    def stage1_regulariser(
+        self, index: int, plan: _PhasePlan, samples: range, weight: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The stage-1 loss on fresh online states during stage 2, times ``weight`` (its own random stream)."""
+        regulariser = replace(plan, stage=1, cache_order=None)
+        loss, stats = self.stage1(index, regulariser, samples, stream="stage1_regulariser")
+        return weight * loss, {"stage1_loss": stats["loss"]}
+
+    def stage1(
+        self, index: int, plan: _PhasePlan, samples: range, stream: str | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
         """TLCM Eq. 7 on states at t_m: pre-generated, or from the multistep denoising strategy (Algorithm 1)."""
         run, device = self.run, self.run.device
-        generators = [sample_generator(self.config.seed, index, i) for i in samples]
+        phase_key = index if stream is None else f"{index}:{stream}"
+        generators = [sample_generator(self.config.seed, phase_key, i) for i in samples]
         uncond = run.uncond(len(samples))
         if plan.cache_order is not None:
             cached = self.trajectories.batch([plan.cache_order(i) for i in samples])
             cond = run.cond(cached["prompt_index"])
             z_tm, t_m, t_n, lo = (cached[k].to(device) for k in ("z_tm", "t_m", "t_n", "lo"))
             z_tm = z_tm.float()
+        elif self.config.stage1_states == "shared":
+            cond, (z_tm, t_m, t_n, lo) = self._shared_states(phase_key, plan, samples)
         else:
             cond = run.cond([plan.order(i) for i in samples])
             draws = [sample_stage1_timesteps(1, plan.boundaries, self.config.skip, g) for g in generators]
@@ -189,6 +206,38 @@ class DistillStage:
             alphas_cumprod=self.alphas_cumprod,
             feature_fn=self.feature_fn,
         )
+
+    def _shared_states(self, phase_key: int | str, plan: _PhasePlan, samples: range) -> tuple[Any, tuple]:
+        """Stage-1 states from shared trajectories: sample i is column i mod M of trajectory i // M.
+
+        A trajectory's noise, prompt and times depend only on its own index, so any split of the samples
+        over micro-batches and processes gives the same states; a trajectory cut by a split is stepped
+        again as far as its samples here need.
+        """
+        run, segments = self.run, plan.settings.segments
+        trajectories = sorted({i // segments for i in samples})
+        generators = [sample_generator(self.config.seed, f"{phase_key}:shared", j) for j in trajectories]
+        draws = [shared_stage1_timesteps(plan.boundaries, self.config.skip, g) for g in generators]
+        noise = run.noise(generators)
+        segment, t_m, t_n, lo = (torch.stack(parts).to(run.device) for parts in zip(*draws))
+        columns = max(i % segments for i in samples) + 1
+        prompts = [plan.order(j) for j in trajectories]
+        with self.timer.charge("teacher_trajectory"):
+            states = shared_trajectory_states(
+                self.roles.teacher,
+                noise,
+                t_m[:, :columns],
+                run.cond(prompts),
+                run.uncond(len(trajectories)),
+                settings=plan.settings,
+                alphas_cumprod=self.alphas_cumprod,
+                top=plan.boundaries[0],
+            )
+        row = {j: r for r, j in enumerate(trajectories)}
+        rows = torch.tensor([row[i // segments] for i in samples], device=run.device)
+        cols = torch.tensor([i % segments for i in samples], device=run.device)
+        picked = (states[rows, cols], t_m[rows, cols], t_n[rows, cols], lo[rows, cols])
+        return run.cond([plan.order(i // segments) for i in samples]), picked
 
     def stage2(self, index: int, plan: _PhasePlan, samples: range) -> tuple[Tensor, dict[str, float]]:
         """TLCM Eq. 9-10 (Algorithm 2) between adjacent segment boundaries."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from test_train import tiny_config
 
 from mlcm_train.distill import train_distill
@@ -57,3 +59,30 @@ def test_spending_carries_over_a_resume_and_reaches_the_model_card(sd15, tmp_pat
         assert rows(resumed)[-1][key] == rows(straight)[-1][key]
     card = result.exported[0].with_suffix(".md").read_text(encoding="utf-8")
     assert f"{rows(straight)[-1]['teacher_evals']} teacher UNet evaluations (CFG counted as 2)" in card
+
+
+def test_stage1_regulariser_adds_a_stage1_term_to_every_stage2_step(sd15, tmp_path):
+    """--stage2-stage1-weight keeps the stage-1 loss beside the stage-2 loss: its monitoring number is logged,
+    its states cost the multistep strategy's teacher calls, and its gradient changes the LoRA."""
+    teacher, prompts = sd15
+    plain = tiny_config(teacher, prompts, tmp_path / "plain", stages=(2,), stage2_steps=2)
+    regular = tiny_config(
+        teacher, prompts, tmp_path / "reg", stages=(2,), stage2_steps=2, stage2_stage1_weight=1.0
+    )
+    train_distill(plain)
+    train_distill(regular)
+    plain_rows, reg_rows = rows(tmp_path / "plain"), rows(tmp_path / "reg")
+    assert "stage1_loss" in reg_rows[-1] and "stage1_loss" not in plain_rows[-1]
+    samples = 2 * plain.batch_size
+    # Stage 1 per sample: 2 student calls, 2 teacher calls for its CFG step and 2 L more for its states.
+    assert reg_rows[-1]["student_evals"] - plain_rows[-1]["student_evals"] == 2 * samples
+    assert reg_rows[-1]["teacher_evals"] - plain_rows[-1]["teacher_evals"] >= 4 * samples
+    lora_plain = load_checkpoint(sorted((tmp_path / "plain" / "checkpoints").iterdir())[-1]).lora
+    lora_reg = load_checkpoint(sorted((tmp_path / "reg" / "checkpoints").iterdir())[-1]).lora
+    assert any(not torch.equal(lora_plain[k], lora_reg[k]) for k in lora_plain)
+
+
+def test_stage1_regulariser_weight_must_not_be_negative(sd15, tmp_path):
+    teacher, prompts = sd15
+    with pytest.raises(ValueError, match="stage2_stage1_weight=-1.0 must be >= 0"):
+        tiny_config(teacher, prompts, tmp_path / "run", stage2_stage1_weight=-1.0)

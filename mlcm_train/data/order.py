@@ -33,5 +33,5 @@ class EpochOrder:
         return int(self._epochs[epoch][sample % self.count])
 
 
-def sample_generator(seed: int, phase: int, sample: int) -> torch.Generator:
+def sample_generator(seed: int, phase: int | str, sample: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, "sample", phase, sample))

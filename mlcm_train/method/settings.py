@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 LOSS_TYPES = ("l2", "huber")
 RENOISE_MODES = ("same", "fresh")  # stage-2 forward-diffusion noise: the starting noise again, or fresh draws
+# Where online stage-1 states come from: a trajectory per sample (Algorithm 1), or one per M samples (ours).
+STAGE1_STATES = ("mds", "shared")
 
 
 @dataclass(frozen=True)

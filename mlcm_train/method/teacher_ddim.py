@@ -128,3 +128,57 @@ def teacher_cfg_ddim(
             return x0
         z = ddim_to(z, x0, t_vec, torch.full_like(t_vec, timesteps[i + 1]), alphas_cumprod)
     return z
+
+
+@torch.no_grad()
+def shared_trajectory_states(
+    teacher_eps_fn: EpsFn,
+    noise: Tensor,
+    t_m: Tensor,
+    cond: Any,
+    uncond: Any,
+    *,
+    settings: DistillSettings,
+    alphas_cumprod: Tensor,
+    top: int,
+) -> Tensor:
+    """States of shared trajectories: each row of ``noise`` runs one CFG-DDIM chain from ``top`` through its
+    row of descending ``t_m`` (N, K), one teacher step per column (ours; see docs/method.md, "Shared
+    trajectories"). Returns (N, K, C, H, W): the state at every column's t_m.
+
+    Where Algorithm 1 spends ``M - s`` steps on one state, a chain through the M segments spends M steps
+    on M states. A column whose t_m equals the previous one (t_m = T at the top) takes no step.
+    """
+    if t_m.dim() != 2 or t_m.shape[0] != noise.shape[0]:
+        raise ValueError(
+            f"t_m must be (trajectories, columns) for {noise.shape[0]} noises, got {tuple(t_m.shape)}"
+        )
+    device = noise.device
+    t_m = t_m.to(device)
+    if bool((t_m[:, 1:] > t_m[:, :-1]).any()) or bool((t_m > top).any()):
+        raise ValueError(
+            "shared trajectory times must descend from the top; draw them with shared_stage1_timesteps"
+        )
+    z = noise.float().clone()
+    batch = z.shape[0]
+    t_cur = torch.full_like(t_m[:, 0], top)
+    states = []
+    for column in range(t_m.shape[1]):
+        t_next = t_m[:, column]
+        active = (t_next < t_cur).nonzero().flatten()
+        if active.numel() > 0:
+            rows = active if active.numel() < batch else slice(None)
+            z = z.clone()
+            z[rows] = teacher_ddim_step(
+                teacher_eps_fn,
+                z[rows],
+                t_cur[rows],
+                t_next[rows],
+                cond if active.numel() == batch else select_cond(cond, active, batch),
+                uncond if active.numel() == batch else select_cond(uncond, active, batch),
+                guidance_scale=settings.guidance_scale,
+                alphas_cumprod=alphas_cumprod,
+            )
+        states.append(z)
+        t_cur = t_next
+    return torch.stack(states, dim=1)

@@ -48,18 +48,29 @@ def sample_stage1_timesteps(
     Returns LongTensors (segment, t_m, t_n, lo) of shape (batch_size,) on the generator's device.
     Drawing t_m at least ``skip`` above ``lo`` keeps t_n inside the segment, as Eq. 6 requires.
     """
-    segments = len(boundaries) - 1
+    segments = _check_skip(boundaries, skip)
+    device = generator.device if generator is not None else torch.device("cpu")
+    segment = torch.randint(0, segments, (batch_size,), generator=generator, device=device)
+    return _inside_segments(segment, boundaries, skip, generator)
+
+
+def _check_skip(boundaries: Sequence[int], skip: int) -> int:
     narrowest = min(hi - lo for hi, lo in zip(boundaries, boundaries[1:]))
     if narrowest < skip:
         raise ValueError(
             f"skip={skip} exceeds the narrowest segment ({narrowest} timesteps); use skip <= {narrowest} "
             "or fewer segments"
         )
-    device = generator.device if generator is not None else torch.device("cpu")
-    segment = torch.randint(0, segments, (batch_size,), generator=generator, device=device)
+    return len(boundaries) - 1
+
+
+def _inside_segments(
+    segment: Tensor, boundaries: Sequence[int], skip: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(segment, t_m, t_n, lo) with t_m integer-uniform on [lo + skip, hi] of each sample's segment."""
     lo, hi = segment_bounds(segment, boundaries)
-    # Integer uniform on [lo + skip, hi] per sample: floor(u * width) with u ~ U[0, 1).
-    u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+    # floor(u * width) with u ~ U[0, 1).
+    u = torch.rand(segment.shape[0], generator=generator, device=segment.device, dtype=torch.float64)
     width = (hi - lo - skip + 1).to(torch.float64)
     t_m = lo + skip + (u * width).floor().to(torch.long).clamp(max=(hi - lo - skip))
     return segment, t_m, t_m - skip, lo
@@ -102,3 +113,18 @@ def stage2_timesteps(
         segment = torch.randint(0, segments, (batch_size,), generator=generator, device=device)
     lo, hi = segment_bounds(segment, boundaries)
     return hi, lo
+
+
+def shared_stage1_timesteps(
+    boundaries: Sequence[int], skip: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stage-1 times of one shared trajectory: one state per segment, from the top segment down.
+
+    Column j is segment ``M - 1 - j``, with ``t_m ~ U{lo+skip..hi}`` of that segment and ``t_n = t_m - skip``
+    as in ``sample_stage1_timesteps``, so t_m descends along the columns and one teacher trajectory from T
+    passes every column's t_m in order. Returns (segment, t_m, t_n, lo), LongTensors of shape (M,).
+    """
+    segments = _check_skip(boundaries, skip)
+    device = generator.device if generator is not None else torch.device("cpu")
+    segment = torch.arange(segments - 1, -1, -1, device=device)
+    return _inside_segments(segment, boundaries, skip, generator)
