@@ -199,3 +199,27 @@ def test_dry_run_estimates_time_and_memory_per_phase(sd15, capsys):
     for phase in ("stage 1 M=8", "stage 2 M=8"):
         assert f"plan: {phase}: peak about" in err
     assert "s per step" in err and "samples/s" in err and "fitted on a CPU" in err
+
+
+def test_shared_states_and_the_stage1_regulariser_change_the_planned_teacher_work(sd15):
+    """Shared trajectories: one teacher step a sample (Algorithm 1: 4.5 at M = 8) in M calls; the stage-1
+    regulariser adds a stage-1 step's teacher and student work to every stage-2 step."""
+    from mlcm_train.run.plan import plan_distill
+
+    teacher, prompts = sd15
+    base = DistillConfig(teacher=str(teacher), prompts=str(prompts), resolution=32, batch_size=4)
+
+    def flops(config, phase, part):
+        return plan_distill(config, "no").phases[phase].parts[part][0]
+
+    mds = flops(base, 0, "teacher_trajectory")
+    shared = flops(
+        DistillConfig.from_dict({**base.to_dict(), "stage1_states": "shared"}), 0, "teacher_trajectory"
+    )
+    per_sample, _ = expected_mds_steps(base, 8, 4)
+    assert shared == pytest.approx(mds / per_sample, rel=1e-6)
+    regular = DistillConfig.from_dict({**base.to_dict(), "stage2_stage1_weight": 1.0})
+    assert flops(regular, 1, "teacher_trajectory") > flops(base, 1, "teacher_trajectory") + 0.9 * mds
+    assert flops(regular, 1, "student_forward_backward") == pytest.approx(
+        2 * flops(base, 1, "student_forward_backward")
+    )

@@ -39,7 +39,8 @@ def retrain_assets(folder: str | Path, dataset: str | None = None) -> Path:
                     f"{folder} holds a {recipe.dataset} recipe but dataset={dataset!r} was asked; "
                     "retrain into an empty folder, or drop the dataset"
                 )
-        teacher_recipe = dataclasses.replace(teacher_recipe, dataset=dataset)
+        if not (folder / RECIPE_FILE).is_file():
+            teacher_recipe = TeacherRecipe.for_dataset(dataset)
         classifier_recipe = dataclasses.replace(classifier_recipe, dataset=dataset)
     staging = folder.parent / (folder.name + ".new")
     log.info("retraining the demo teacher into %s (recipe %s)", staging, teacher_recipe.to_dict())

@@ -39,6 +39,10 @@ SCHEDULER_CONFIG = {
     "clip_sample": False,
 }
 RECIPE_FILE = "teacher_recipe.json"
+# Changes to the (digits) defaults per set. Shapes: hard edges and filled areas on a light background need a
+# better VAE: 250 steps at 3e-3 reconstructed the held-out shapes at 67% prompt accuracy (classifier FD
+# 3222), 1000 steps at 1e-3 at 100% (FD 40, real images 23); and more UNet steps.
+DATASET_RECIPES: dict[str, dict] = {"shapes": {"vae_steps": 1000, "vae_lr": 1e-3, "unet_steps": 4000}}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class TeacherRecipe:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def for_dataset(cls, dataset: str) -> TeacherRecipe:
+        """The recipe of the shipped teacher of ``dataset``: the defaults plus that set's changes."""
+        captioned.get(dataset)  # a clear error for an unknown name
+        return cls(dataset=dataset, **DATASET_RECIPES.get(dataset, {}))
 
     @classmethod
     def from_dict(cls, values: dict) -> TeacherRecipe:

@@ -305,6 +305,14 @@ def expected_mds_steps(config: DistillConfig, segments: int, batch: int) -> tupl
     return per_sample, calls
 
 
+def _stage1_state_steps(config: DistillConfig, segments: int, batch: int) -> tuple[float, float]:
+    """(teacher steps per sample, teacher calls per batch) that make online stage-1 states: Algorithm 1's,
+    or a shared chain's (M steps for every M samples, one call per segment)."""
+    if config.stage1_states == "shared":
+        return 1.0, float(segments)
+    return expected_mds_steps(config, segments, batch)
+
+
 def plan_distill(config: DistillConfig, mixed_precision: str, device: torch.device | None = None) -> RunPlan:
     """Peak memory and time per optimizer step of each distill phase; ``device`` set = probe it for time."""
     dtype = WEIGHT_DTYPES[mixed_precision]
@@ -322,7 +330,7 @@ def plan_distill(config: DistillConfig, mixed_precision: str, device: torch.devi
         parts: dict[str, tuple[float, bool]] = {}
         cached = stage == 1 and config.trajectories is not None and segments == config.segments
         if stage == 1 and not cached:
-            steps, batch_calls = expected_mds_steps(config, segments, b)
+            steps, batch_calls = _stage1_state_steps(config, segments, b)
             calls["teacher trajectory"] = batch_calls
             parts["teacher_trajectory"] = (2 * steps * b * forward, False)  # CFG: both halves
         elif stage == 2:
@@ -333,6 +341,12 @@ def plan_distill(config: DistillConfig, mixed_precision: str, device: torch.devi
         calls["student forward + backward"] = 2.0
         parts["teacher_target"] = (3 * b * forward, False)  # a CFG step and the target's call
         parts["student_forward_backward"] = (trained, True)
+        if stage == 2 and config.stage2_stage1_weight > 0:  # the stage-1 regulariser: a stage-1 step more
+            steps, batch_calls = _stage1_state_steps(config, segments, b)
+            calls["teacher trajectory"] = batch_calls + 2.0
+            trajectory = parts["teacher_trajectory"][0] + (2 * steps + 3) * b * forward
+            parts["teacher_trajectory"] = (trajectory, False)
+            parts["student_forward_backward"] = (2 * trained, True)
         label = f"stage {stage} M={segments}" + (" (pre-generated states)" if cached else "")
         phases.append(
             PhasePlan(
