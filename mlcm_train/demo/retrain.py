@@ -46,6 +46,8 @@ def retrain_assets(folder: str | Path, dataset: str | None = None) -> Path:
     log.info("retraining the demo teacher into %s (recipe %s)", staging, teacher_recipe.to_dict())
     train_teacher(staging, teacher_recipe, work_dir=folder.parent / (folder.name + ".work"))
     save_classifier(train_classifier(classifier_recipe), staging, classifier_recipe)
+    if (folder / "README.md").is_file():  # the folder's description outlives its weights
+        shutil.copy2(folder / "README.md", staging / "README.md")
     if folder.exists():
         shutil.rmtree(folder)
     staging.replace(folder)

@@ -183,7 +183,7 @@ def train_vae(vae: torch.nn.Module, recipe: TeacherRecipe, train: MaskSplit, pro
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        mse = float(loss_rec)
+        mse = float(loss_rec.detach())
         bar.set_postfix(mse=f"{mse:.4f}")
     vae.eval()
     return mse
