@@ -265,6 +265,12 @@ class DistillConfig(RunConfig):
     progressive: tuple[int, ...] = option(
         (), "segment counts of successive rounds, e.g. 8,4,2; replaces --segments (ours)", "LIST"
     )
+    stage2_rounds: tuple[int, ...] = option(
+        (),
+        "segment counts stage 2 runs at in turn after stage 1, e.g. 8,4,2, its steps split evenly between "
+        "them (default: --segments alone, as the paper; ours)",
+        "LIST",
+    )
     stage1_steps: int = option(12000, "optimizer steps of stage 1 (paper, SDXL)", "N")
     stage2_steps: int = option(2000, "optimizer steps of stage 2 (paper)", "N")
     lr_stage1: float = option(1e-4, "AdamW learning rate of stage 1 (paper)", "F")
@@ -334,6 +340,21 @@ class DistillConfig(RunConfig):
             raise ValueError(
                 f"progressive={self.progressive} must be strictly decreasing segment counts, e.g. 8,4,2"
             )
+        if self.stage2_rounds:
+            stage2 = list(self.stage2_rounds)
+            if self.progressive:
+                raise ValueError(
+                    "stage2_rounds and progressive both set the rounds; use progressive for rounds of every "
+                    "stage, or stage2_rounds for rounds of stage 2 after one stage 1"
+                )
+            if stage2 != sorted(set(stage2), reverse=True) or stage2[-1] < 1:
+                raise ValueError(
+                    f"stage2_rounds={self.stage2_rounds} must be strictly decreasing segment counts, e.g. 8,4,2"
+                )
+            if 2 in self.stages and self.stage2_steps < len(stage2):
+                raise ValueError(
+                    f"stage2_steps={self.stage2_steps} cannot be split over {len(stage2)} stage-2 rounds"
+                )
         for segments in rounds:
             # Each segment must hold t_m in [lo + skip, hi], so it must be wider than skip.
             edges = segment_boundaries(segments, TRAIN_TIMESTEPS)
@@ -358,11 +379,22 @@ class DistillConfig(RunConfig):
         return self.rounds[-1]
 
     def phases(self) -> list[tuple[int, int]]:
-        """(segments, stage) of every training phase in order: each round runs the configured stages."""
+        """(segments, stage) of every training phase in order: each round runs the configured stages, or,
+        with ``stage2_rounds``, stage 1 at ``segments`` and then stage 2 at each of those counts."""
+        if self.stage2_rounds:
+            first = [(self.segments, 1)] if 1 in self.stages else []
+            return first + ([(m, 2) for m in self.stage2_rounds] if 2 in self.stages else [])
         return [(segments, stage) for segments in self.rounds for stage in self.stages]
 
-    def phase_steps(self, stage: int) -> int:
-        return self.stage1_steps if stage == 1 else self.stage2_steps
+    def phase_steps(self, stage: int, segments: int | None = None) -> int:
+        """Optimizer steps of a phase; stage-2 rounds share ``stage2_steps``, the first ones one more each
+        when it does not divide evenly."""
+        if stage == 1:
+            return self.stage1_steps
+        if not self.stage2_rounds or segments is None:
+            return self.stage2_steps
+        share, extra = divmod(self.stage2_steps, len(self.stage2_rounds))
+        return share + (1 if self.stage2_rounds.index(segments) < extra else 0)
 
     def phase_lr(self, stage: int) -> float:
         return self.lr_stage1 if stage == 1 else self.lr_stage2

@@ -135,7 +135,7 @@ class DistillStage:
             self.phases.append(
                 Phase(
                     index=index,
-                    steps=self.config.phase_steps(stage),
+                    steps=self.config.phase_steps(stage, segments),
                     lr=self.config.phase_lr(stage),
                     segments=segments,
                     label=f"stage {stage} M={segments}",
@@ -286,7 +286,7 @@ def completed_stages(config: DistillConfig, state: TrainState) -> tuple[str, ...
     for index, (segments, stage) in enumerate(config.phases()):
         if index < state.phase or (index == state.phase and state.phase_step > 0):
             name = STAGE_NAMES[stage]
-            names.append(f"{name}@{segments}" if config.progressive else name)
+            names.append(f"{name}@{segments}" if config.progressive or config.stage2_rounds else name)
     return tuple(names)
 
 

@@ -37,6 +37,19 @@ def test_progressive_rounds_run_in_sequence(sd15, tmp_path):
     assert result.exported[0].name == "mlcm_sd15_8seg.safetensors"
 
 
+def test_stage2_rounds_train_stage_2_at_each_count_after_one_stage_1(sd15, tmp_path):
+    teacher, prompts = sd15
+    config = tiny_config(
+        teacher, prompts, tmp_path / "run", stage1_steps=1, stage2_steps=3, stage2_rounds=(8, 4, 2)
+    )
+    result = train_distill(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["segments"]) for r in rows] == [(1, 8), (2, 8), (2, 4), (2, 2)]
+    meta = read_lora(result.exported[0]).metadata
+    assert meta.segments == 8
+    assert meta.stages == ("mlcd@8", "inter_segment@8", "inter_segment@4", "inter_segment@2")
+
+
 def test_ema_target_is_saved_and_lags_the_student(sd15, tmp_path):
     teacher, prompts = sd15
     config = tiny_config(teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=2, ema_decay=0.5)
@@ -194,3 +207,16 @@ def test_unknown_8bit_backend_names_the_packages(monkeypatch):
     with pytest.raises(ImportError, match="pip install bitsandbytes.*pip install torchao"):
         adamw_class("adamw8bit")
     assert adamw_class("adamw") is torch.optim.AdamW
+
+
+def test_stage2_rounds_run_stage_1_once_then_stage_2_at_each_count_sharing_its_steps():
+    from mlcm_train.config import DistillConfig
+
+    config = DistillConfig(teacher="t", prompts="p", stage2_rounds=(8, 4, 2), stage2_steps=151)
+    assert config.phases() == [(8, 1), (8, 2), (4, 2), (2, 2)]
+    assert [config.phase_steps(2, m) for m in (8, 4, 2)] == [51, 50, 50]
+    assert config.sampling_grid(3, 10) == 8  # 4 and 2 lie on 8's boundaries: the LoRA samples on 8
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        DistillConfig(teacher="t", prompts="p", stage2_rounds=(4, 8))
+    with pytest.raises(ValueError, match="use progressive for rounds of every stage"):
+        DistillConfig(teacher="t", prompts="p", stage2_rounds=(8, 4), progressive=(8, 4))
