@@ -286,7 +286,8 @@ def completed_stages(config: DistillConfig, state: TrainState) -> tuple[str, ...
     for index, (segments, stage) in enumerate(config.phases()):
         if index < state.phase or (index == state.phase and state.phase_step > 0):
             name = STAGE_NAMES[stage]
-            names.append(f"{name}@{segments}" if config.progressive or config.stage2_rounds else name)
+            rounds = config.progressive or len(config.stage2_round_counts) > 1
+            names.append(f"{name}@{segments}" if rounds else name)
     return tuple(names)
 
 

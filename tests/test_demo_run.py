@@ -66,6 +66,12 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert table["reward_stage"]["evaluations"] and "reward_s" in table["timings"]
     assert 0 <= table["reward_stage"]["kept_step"] <= settings.reward_iterations and "Reward stage:" in md
     assert table["rows"][0]["sampling_seconds_per_image"] <= table["rows"][0]["seconds_per_image"]
+    # The per-stage spread: the main table's noise first, then every extra seed set, for every stage.
+    spread = table["seed_spread"]
+    assert set(spread) == {"teacher CFG-DDIM", "MLCM (8 seg.)", "MLCM + stage 2", "MLCM + stage 2 + reward"}
+    stage2_4 = spread["MLCM + stage 2"]["4"]
+    assert len(stage2_4["fd"]) == 1 + len(settings.spread_seeds)
+    assert stage2_4["fd"][0] == by[("MLCM + stage 2", 4)]["fd"] and "noise seed sets" in md
 
 
 def test_eval_scores_the_demo_teacher_from_a_prompt_file(tmp_path):

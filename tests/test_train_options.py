@@ -220,3 +220,17 @@ def test_stage2_rounds_run_stage_1_once_then_stage_2_at_each_count_sharing_its_s
         DistillConfig(teacher="t", prompts="p", stage2_rounds=(4, 8))
     with pytest.raises(ValueError, match="use progressive for rounds of every stage"):
         DistillConfig(teacher="t", prompts="p", stage2_rounds=(8, 4), progressive=(8, 4))
+
+
+def test_stage2_rounds_default_to_halving_the_segments_and_drop_rounds_without_steps():
+    from mlcm_train.config import DistillConfig
+
+    def phases(**changes):
+        return DistillConfig(teacher="t", prompts="p", **changes).phases()
+
+    assert phases() == [(8, 1), (8, 2), (4, 2), (2, 2)]
+    assert phases(segments=6) == [(6, 1), (6, 2), (3, 2)]
+    assert phases(segments=5) == [(5, 1), (5, 2)]
+    assert phases(stage2_steps=2) == [(8, 1), (8, 2), (4, 2)]  # a round with no step is no round
+    assert phases(stage2_rounds=(8,)) == [(8, 1), (8, 2)]  # the paper's single stage 2
+    assert phases(progressive=(8, 4)) == [(8, 1), (8, 2), (4, 1), (4, 2)]  # every stage per round

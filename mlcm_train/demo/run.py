@@ -76,13 +76,22 @@ class DemoSettings:
     reward: bool = True  # tune the stage-2 LoRA with the classifier reward, add the "+ reward" rows
     reward_iterations: int = DEMO_REWARD_ITERATIONS
     grid_columns: int = 10
+    # More noise seed sets for the per-stage spread table (2, 4 and 8 steps), beside the main table's seed.
+    spread_seeds: tuple[int, ...] = (1, 2)
+    spread_steps: tuple[int, ...] = (2, 4, 8)
     seed: int = 0
     threads: int = 2
 
     @classmethod
     def quick(cls, **changes: object) -> DemoSettings:
         """Reduced CI variant: minutes instead of the full run; same rows, fewer iterations and samples."""
-        quick = {"iterations": 40, "stage2_iterations": 8, "samples": 60, "reward_iterations": 4}
+        quick = {
+            "iterations": 40,
+            "stage2_iterations": 8,
+            "samples": 60,
+            "reward_iterations": 4,
+            "spread_seeds": (1,),
+        }
         return replace(cls(), **{**quick, **changes})
 
 
@@ -131,13 +140,15 @@ def distill_config(
     return DistillConfig(**values)
 
 
-def stage_loras(run_dir: Path, stages: tuple[int, ...]) -> dict[int, dict[str, torch.Tensor]]:
-    """{stage: LoRA state dict} of a finished demo run, read from its phase-boundary checkpoints."""
+def stage_loras(run_dir: Path, config: DistillConfig) -> dict[int, dict[str, torch.Tensor]]:
+    """{stage: LoRA state dict at the end of that stage's last phase} of a finished run, read from its
+    phase-boundary checkpoints (stage 2's rounds end at the last one)."""
+    phases = config.phases()
     loras = {}
     for checkpoint in list_checkpoints(run_dir):
         saved = load_checkpoint(checkpoint)
         if saved.state.phase_step == 0 and saved.state.phase > 0:
-            loras[stages[saved.state.phase - 1]] = saved.lora
+            loras[phases[saved.state.phase - 1][1]] = saved.lora
     return loras
 
 
@@ -146,8 +157,9 @@ def _distill(settings: DemoSettings, prompts: Path, name: str, segments: int, st
     run_dir = settings.out / "runs" / name
     if run_dir.exists():  # the demo's own scratch folder; train_distill() refuses to start over checkpoints
         shutil.rmtree(run_dir)
-    train_distill(distill_config(settings, prompts, run_dir, segments, stages))
-    return stage_loras(run_dir, stages)
+    config = distill_config(settings, prompts, run_dir, segments, stages)
+    train_distill(config)
+    return stage_loras(run_dir, config)
 
 
 def _reward_tune(settings: DemoSettings, prompts: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -205,6 +217,9 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         grid.append((f"{method}\n{steps} steps", images[bench.grid_index]))
         log.info("%s %d steps: FD %.2f, prompt acc. %.3f", method, steps, row.fd, row.prompt_accuracy)
     timings["evaluate_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    spread = seed_spread(settings, rows, loras)
+    timings["seed_spread_s"] = time.perf_counter() - tick
     total = time.perf_counter() - started
     files = {
         "grid": write_grid(grid, [bench.prompts[i] for i in bench.grid_index], out / "samples.png"),
@@ -218,11 +233,12 @@ def run_demo(settings: DemoSettings | None = None) -> DemoResult:
         "cpu_seconds_total": time.process_time() - cpu_started,
         "timings": timings,
         "goals": goals,
+        "seed_spread": spread,
         "reward_stage": reward_facts,
         "threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],  # other work sharing the cores during the run
     }
-    notes = goals_markdown(goals) + _reward_note(reward_facts)
+    notes = goals_markdown(goals) + spread_markdown(spread, settings) + _reward_note(reward_facts)
     notes += f"\nTotal demo time: {total:.0f} s on {torch.get_num_threads()} threads.\n"
     files["table_md"], files["table_json"] = write_table(rows, out, extra, notes)
     log.info("demo finished in %.0f s; report in %s", total, out)
@@ -340,6 +356,67 @@ class _Bench:
             batch_size=self.settings.eval_batch_size,
             select=lambda c, rows: c[rows],
         )
+
+
+def seed_spread(settings: DemoSettings, rows: list[Row], loras: dict) -> dict[str, dict[str, dict]]:
+    """FD and prompt accuracy of the teacher's 25 steps and of every MLCM stage at ``spread_steps``, on the
+    main table's noise and on each of ``spread_seeds``: {method: {steps: {"fd": [...], "prompt_accuracy": [...]}}}."""
+    labels = [
+        label for label in (mlcm_stage1_label(settings.segments), MLCM_STAGE2, MLCM_REWARD) if label in loras
+    ]
+    wanted = [(TEACHER, settings.teacher_steps)] + [(m, s) for m in labels for s in settings.spread_steps]
+    spread: dict[str, dict[str, dict]] = {}
+    for method, steps in wanted:
+        row = _find(rows, method, steps)
+        if row is not None:
+            entry = spread.setdefault(method, {}).setdefault(str(steps), {"fd": [], "prompt_accuracy": []})
+            entry["fd"].append(row.fd)
+            entry["prompt_accuracy"].append(row.prompt_accuracy)
+    for seed in settings.spread_seeds:
+        bench = _Bench(replace(settings, seed=seed))
+        for method, steps in wanted:
+            if method == TEACHER:
+                row, _ = bench.measure(method, steps, 2 * steps, None, bench.ddim(steps))
+            else:
+                sampler = bench.consistency(segment_timesteps(steps, settings.segments))
+                row, _ = bench.measure(method, steps, steps, loras[method], sampler)
+            entry = spread[method][str(steps)]
+            entry["fd"].append(row.fd)
+            entry["prompt_accuracy"].append(row.prompt_accuracy)
+    return spread
+
+
+def spread_markdown(spread: dict[str, dict[str, dict]], settings: DemoSettings) -> str:
+    """The per-stage table: FD mean, its spread (min-max) and prompt accuracy over the noise seed sets."""
+    if not spread:
+        return ""
+    seeds = 1 + len(settings.spread_seeds)
+    steps = [str(s) for s in settings.spread_steps]
+    lines = [
+        "",
+        f"## What each stage does: FD mean (min-max) and prompt accuracy over {seeds} noise seed sets",
+        "",
+        "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+
+    def cell(entry: dict) -> str:
+        fd, acc = entry["fd"], entry["prompt_accuracy"]
+        return f"{sum(fd) / len(fd):.1f} ({min(fd):.1f}-{max(fd):.1f}), {100 * sum(acc) / len(acc):.1f}%"
+
+    for method, per_steps in spread.items():
+        if method == TEACHER:
+            top = per_steps[str(settings.teacher_steps)]
+            lines.append(
+                f"| {TEACHER}, {settings.teacher_steps} steps | {cell(top)} |" + " |" * (len(steps) - 1)
+            )
+        else:
+            lines.append(
+                f"| {method} | "
+                + " | ".join(cell(per_steps[s]) if s in per_steps else "-" for s in steps)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _reward_note(facts: dict) -> str:
