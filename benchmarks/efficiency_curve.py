@@ -10,6 +10,8 @@ calls and seconds that made the cache. Options:
 - ``online``: the default; Algorithm 1 states, one teacher trajectory per sample.
 - ``shared``: ``--stage1-states shared``, one trajectory per M samples (one state per segment).
 - ``cache xK``: ``python -m mlcm_train trajectories`` states, 1/K of the stage-1 samples, each used K times.
+- ``cache xK +P% online``: a fraction P of the stage-1 samples made online (``--trajectory-fresh-fraction``),
+  the rest read from a cache of 1/K of them.
 
 Prints a table, writes ``curve.json`` and ``curve.png`` into ``--work``.
 
@@ -38,7 +40,7 @@ from mlcm_train.eval.digits import DEMO_TEACHERS, load_classifier
 from mlcm_train.run.checkpoint import list_checkpoints, load_checkpoint
 
 STEPS = (2, 4, 8)
-OPTIONS = ("online", "shared", "cache x2", "cache x4")
+OPTIONS = ("online", "shared", "cache x2", "cache x4", "cache x2 +25% online")
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:
@@ -46,16 +48,18 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return {int(r["global_step"]): r for r in rows if "teacher_evals" in r}
 
 
-def _cache(settings: DemoSettings, prompts: Path, work: Path, seed: int, reuse: int) -> tuple[Path, dict]:
-    """Pre-generated states for 1/reuse of stage 1's samples; (folder, its cost)."""
-    folder = work / f"seed{seed}" / f"states_x{reuse}"  # not the run folder of the option
+def _cache(
+    settings: DemoSettings, prompts: Path, work: Path, seed: int, reuse: int, online: float = 0.0
+) -> tuple[Path, dict]:
+    """Pre-generated states for 1/reuse of the stage-1 samples read from a cache; (folder, its cost)."""
+    folder = work / f"seed{seed}" / f"states_x{reuse}_{online:g}"  # not the run folder of the option
     cost_file = folder / "cost.json"
     if not cost_file.is_file():
         shutil.rmtree(folder, ignore_errors=True)
         config = distill_config(
             replace(settings, seed=seed), prompts, folder / "gen", settings.segments, (1,)
         )
-        samples = settings.iterations * settings.batch_size // reuse
+        samples = round(settings.iterations * settings.batch_size * (1 - online) / reuse)
         tick = time.perf_counter()
         generate_trajectories(config, folder / "states", samples=samples, shard_size=256)
         seconds = time.perf_counter() - tick
@@ -88,8 +92,10 @@ def train(settings: DemoSettings, work: Path, seed: int, option: str, every: int
     if option == "shared":
         changes["stage1_states"] = "shared"
     elif option.startswith("cache x"):
-        states, extra = _cache(settings, prompts, work, seed, int(option.removeprefix("cache x")))
-        changes["trajectories"] = str(states)
+        reuse, _, online = option.removeprefix("cache x").partition(" +")
+        fraction = float(online.removesuffix("% online")) / 100 if online else 0.0
+        states, extra = _cache(settings, prompts, work, seed, int(reuse), fraction)
+        changes.update(trajectories=str(states), trajectory_fresh_fraction=fraction)
     elif option != "online":
         raise ValueError(f"option {option!r} is unknown; choose from {', '.join(OPTIONS)}")
     if not (run_dir / "export").is_dir():

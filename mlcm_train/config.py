@@ -245,6 +245,12 @@ class DistillConfig(RunConfig):
     trajectories: str | None = option(
         None, "folder of pre-generated trajectory shards for stage 1 (default: online)", "PATH"
     )
+    trajectory_fresh_fraction: float = option(
+        0.0,
+        "with --trajectories: the fraction of stage-1 samples made online instead of read from the cache, a "
+        "mix of fresh and reused states (ours; 0 = all cached)",
+        "F",
+    )
     stage1_states: str = option(
         "mds",
         "how online stage 1 reaches its states: mds (Algorithm 1, one teacher trajectory per sample) or "
@@ -322,6 +328,14 @@ class DistillConfig(RunConfig):
             self, 1, ("segments", "skip", "stage1_steps", "stage2_steps", "stage2_q", "stage2_p", "lora_rank")
         )
         _check_positive(self, ("lr_stage1", "lr_stage2", "lora_alpha", "huber_c"))
+        if not 0.0 <= self.trajectory_fresh_fraction <= 1.0:
+            raise ValueError(
+                f"trajectory_fresh_fraction={self.trajectory_fresh_fraction} must be in [0, 1] (0 = all cached)"
+            )
+        if self.trajectory_fresh_fraction > 0 and self.trajectories is None:
+            raise ValueError(
+                "trajectory_fresh_fraction mixes online states into cached ones; give --trajectories DIR"
+            )
         if self.stage2_stage1_weight < 0:
             raise ValueError(
                 f"stage2_stage1_weight={self.stage2_stage1_weight} must be >= 0 (0 turns the regulariser off)"

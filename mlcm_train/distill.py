@@ -11,6 +11,7 @@ denoising strategy (online, or from pre-generated trajectory shards), stage 2 on
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,34 +165,23 @@ class DistillStage:
     def stage1(
         self, index: int, plan: _PhasePlan, samples: range, stream: str | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """TLCM Eq. 7 on states at t_m: pre-generated, or from the multistep denoising strategy (Algorithm 1)."""
-        run, device = self.run, self.run.device
+        """TLCM Eq. 7 on states at t_m: pre-generated (with ``--trajectory-fresh-fraction``, some made online
+        instead), from shared trajectories, or from the multistep denoising strategy (Algorithm 1)."""
         phase_key = index if stream is None else f"{index}:{stream}"
-        generators = [sample_generator(self.config.seed, phase_key, i) for i in samples]
-        uncond = run.uncond(len(samples))
-        if plan.cache_order is not None:
-            cached = self.trajectories.batch([plan.cache_order(i) for i in samples])
-            cond = run.cond(cached["prompt_index"])
-            z_tm, t_m, t_n, lo = (cached[k].to(device) for k in ("z_tm", "t_m", "t_n", "lo"))
-            z_tm = z_tm.float()
-        elif self.config.stage1_states == "shared":
-            cond, (z_tm, t_m, t_n, lo) = self._shared_states(phase_key, plan, samples)
+        uncond = self.run.uncond(len(samples))
+        if plan.cache_order is None:
+            prompts, (z_tm, t_m, t_n, lo) = self._online_states(phase_key, plan, samples)
         else:
-            cond = run.cond([plan.order(i) for i in samples])
-            draws = [sample_stage1_timesteps(1, plan.boundaries, self.config.skip, g) for g in generators]
-            segment, t_m, t_n, lo = (torch.cat(parts).to(device) for parts in zip(*draws))
-            with self.timer.charge("teacher_trajectory"):
-                z_tm = mds_states(
-                    self.roles.teacher,
-                    run.noise(generators),
-                    t_m,
-                    segment,
-                    cond,
-                    uncond,
-                    settings=plan.settings,
-                    alphas_cumprod=self.alphas_cumprod,
-                    boundaries=plan.boundaries,
-                )
+            fraction = self.config.trajectory_fresh_fraction
+            fresh = [i for i in samples if fraction > 0 and self._made_online(index, i, fraction)]
+            chosen = set(fresh)
+            cached = [i for i in samples if i not in chosen]
+            # Cached samples first, then the online ones: the loss is a batch mean, so the order is free.
+            parts = [self._cached_states(plan, cached)] if cached else []
+            parts += [self._online_states(phase_key, plan, fresh)] if fresh else []
+            prompts = [p for part, _ in parts for p in part]
+            z_tm, t_m, t_n, lo = (torch.cat(column) for column in zip(*(states for _, states in parts)))
+        cond = self.run.cond(prompts)
         return stage1_loss(
             self.student,
             self.target,
@@ -207,7 +197,47 @@ class DistillStage:
             feature_fn=self.feature_fn,
         )
 
-    def _shared_states(self, phase_key: int | str, plan: _PhasePlan, samples: range) -> tuple[Any, tuple]:
+    def _made_online(self, index: int, sample: int, fraction: float) -> bool:
+        """Whether ``sample`` of phase ``index`` is made online instead of read from the cache (its own draw)."""
+        draw = torch.rand(1, generator=sample_generator(self.config.seed, f"{index}:online", sample))
+        return bool(draw < fraction)
+
+    def _cached_states(self, plan: _PhasePlan, samples: Sequence[int]) -> tuple[list[int], tuple]:
+        """(prompt indices, (z_tm, t_m, t_n, lo)) of ``samples`` pre-generated, in the cache's epoch order."""
+        device = self.run.device
+        cached = self.trajectories.batch([plan.cache_order(i) for i in samples])
+        z_tm, t_m, t_n, lo = (cached[k].to(device) for k in ("z_tm", "t_m", "t_n", "lo"))
+        return [int(p) for p in cached["prompt_index"]], (z_tm.float(), t_m, t_n, lo)
+
+    def _online_states(
+        self, phase_key: int | str, plan: _PhasePlan, samples: Sequence[int]
+    ) -> tuple[list[int], tuple]:
+        """(prompt indices, (z_tm, t_m, t_n, lo)) made online: shared trajectories, or Algorithm 1 per sample."""
+        if self.config.stage1_states == "shared":
+            return self._shared_states(phase_key, plan, samples)
+        run = self.run
+        generators = [sample_generator(self.config.seed, phase_key, i) for i in samples]
+        prompts = [plan.order(i) for i in samples]
+        cond = run.cond(prompts)
+        draws = [sample_stage1_timesteps(1, plan.boundaries, self.config.skip, g) for g in generators]
+        segment, t_m, t_n, lo = (torch.cat(parts).to(run.device) for parts in zip(*draws))
+        with self.timer.charge("teacher_trajectory"):
+            z_tm = mds_states(
+                self.roles.teacher,
+                run.noise(generators),
+                t_m,
+                segment,
+                cond,
+                run.uncond(len(samples)),
+                settings=plan.settings,
+                alphas_cumprod=self.alphas_cumprod,
+                boundaries=plan.boundaries,
+            )
+        return prompts, (z_tm, t_m, t_n, lo)
+
+    def _shared_states(
+        self, phase_key: int | str, plan: _PhasePlan, samples: Sequence[int]
+    ) -> tuple[list[int], tuple]:
         """Stage-1 states from shared trajectories: sample i is column i mod M of trajectory i // M.
 
         A trajectory's noise, prompt and times depend only on its own index, so any split of the samples
@@ -237,7 +267,7 @@ class DistillStage:
         rows = torch.tensor([row[i // segments] for i in samples], device=run.device)
         cols = torch.tensor([i % segments for i in samples], device=run.device)
         picked = (states[rows, cols], t_m[rows, cols], t_n[rows, cols], lo[rows, cols])
-        return run.cond([plan.order(i // segments) for i in samples]), picked
+        return [plan.order(i // segments) for i in samples], picked
 
     def stage2(self, index: int, plan: _PhasePlan, samples: range) -> tuple[Tensor, dict[str, float]]:
         """TLCM Eq. 9-10 (Algorithm 2) between adjacent segment boundaries."""

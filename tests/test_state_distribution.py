@@ -7,6 +7,7 @@ loss, for online Algorithm 1 states, shared trajectories and pre-generated shard
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -108,21 +109,28 @@ def _recorded_stage1_draws(monkeypatch, config) -> tuple[torch.Tensor, ...]:
     return segment, t_m, t_n, lo, z
 
 
-@pytest.mark.parametrize("states", ["mds", "shared", "cached"])
+@pytest.mark.parametrize("states", ["mds", "shared", "cached", "cached + online"])
 def test_the_training_loop_trains_on_the_method_distribution(states, sd15, tmp_path, monkeypatch):
     teacher, prompts = sd15
     changes = dict(stages=(1,), stage1_steps=12, batch_size=8, segments=4, skip=SKIP)
-    if states == "cached":
+    if states.startswith("cached"):
         cache = tmp_path / "states"
         distill.generate_trajectories(
             tiny_config(teacher, prompts, tmp_path / "gen", **changes), cache, samples=96, shard_size=32
         )
         changes["trajectories"] = str(cache)
+        if states == "cached + online":
+            changes["trajectory_fresh_fraction"] = 0.5
     else:
         changes["stage1_states"] = states
     config = tiny_config(teacher, prompts, tmp_path / "run", **changes)
     segment, t_m, t_n, lo, _ = _recorded_stage1_draws(monkeypatch, config)
     assert len(t_m) == 96
+    if states.startswith("cached"):  # the online share costs the multistep strategy's teacher calls
+        rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        teacher_evals = json.loads(rows[-1])["teacher_evals"]
+        cfg_step_only = 2 * 96  # every sample's CFG step to t_n
+        assert (teacher_evals > cfg_step_only + 2 * 30) == (states == "cached + online"), teacher_evals
     check_distribution(segment, t_m, t_n, lo, segments=4, exact_counts=states == "shared", alpha=1e-4)
 
 
@@ -138,3 +146,11 @@ def test_shared_states_do_not_depend_on_the_micro_batch_split(sd15, tmp_path, mo
     assert torch.equal(t_whole[:6], t_split[:6])
     # Equal up to float rounding: a UNet call over 2 trajectories sums in another order than over 1.
     torch.testing.assert_close(z_whole[:6], z_split[:6], atol=3e-4, rtol=1e-4)
+
+
+def test_a_mix_of_online_and_cached_states_needs_the_cache(sd15, tmp_path):
+    teacher, prompts = sd15
+    with pytest.raises(ValueError, match="give --trajectories DIR"):
+        tiny_config(teacher, prompts, tmp_path / "run", trajectory_fresh_fraction=0.25)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        tiny_config(teacher, prompts, tmp_path / "run", trajectories="x", trajectory_fresh_fraction=1.5)
