@@ -45,3 +45,18 @@ def test_retraining_a_shapes_teacher_from_its_recipe_keeps_the_readme(tmp_path):
     assert load_teacher(folder).unet.config.sample_size == 8
     with pytest.raises(ValueError, match="holds a shapes recipe"):
         retrain_assets(folder, "digits")
+
+
+@pytest.mark.parametrize("name", sorted(DEMO_TEACHERS))
+def test_the_demo_bench_prompts_every_caption_and_its_grid_shows_every_class(name):
+    from mlcm_train.demo.run import DemoSettings, _Bench
+
+    dataset = captioned.get(name)
+    captions = dataset.all_captions()
+    bench = _Bench(DemoSettings(teacher=DEMO_TEACHERS[name], samples=2 * len(captions)))
+    assert bench.prompts == captions * 2
+    shown = [dataset.parse_caption(bench.prompts[i]) for i in bench.grid_index]
+    classes = len(dataset.class_words)
+    assert [label for label, _ in shown] == [d % classes for d in range(10)]
+    assert [colour for _, colour in shown] == [d % len(dataset.colours) for d in range(10)]
+    assert len(set(bench.grid_index)) == 10  # columns past the classes take another image of the caption
