@@ -169,7 +169,10 @@ class DistillStage:
         instead), from shared trajectories, or from the multistep denoising strategy (Algorithm 1)."""
         phase_key = index if stream is None else f"{index}:{stream}"
         uncond = self.run.uncond(len(samples))
-        if plan.cache_order is None:
+        z_tn = None  # the teacher step to t_n, when the states came with it
+        if plan.cache_order is None and self.config.stage1_states == "shared":
+            prompts, (z_tm, t_m, t_n, lo), z_tn = self._shared_states(phase_key, plan, samples)
+        elif plan.cache_order is None:
             prompts, (z_tm, t_m, t_n, lo) = self._online_states(phase_key, plan, samples)
         else:
             fraction = self.config.trajectory_fresh_fraction
@@ -195,6 +198,7 @@ class DistillStage:
             settings=plan.settings,
             alphas_cumprod=self.alphas_cumprod,
             feature_fn=self.feature_fn,
+            z_tn=z_tn,
         )
 
     def _made_online(self, index: int, sample: int, fraction: float) -> bool:
@@ -214,7 +218,7 @@ class DistillStage:
     ) -> tuple[list[int], tuple]:
         """(prompt indices, (z_tm, t_m, t_n, lo)) made online: shared trajectories, or Algorithm 1 per sample."""
         if self.config.stage1_states == "shared":
-            return self._shared_states(phase_key, plan, samples)
+            return self._shared_states(phase_key, plan, samples)[:2]
         run = self.run
         generators = [sample_generator(self.config.seed, phase_key, i) for i in samples]
         prompts = [plan.order(i) for i in samples]
@@ -237,8 +241,10 @@ class DistillStage:
 
     def _shared_states(
         self, phase_key: int | str, plan: _PhasePlan, samples: Sequence[int]
-    ) -> tuple[list[int], tuple]:
+    ) -> tuple[list[int], tuple, Tensor]:
         """Stage-1 states from shared trajectories: sample i is column i mod M of trajectory i // M.
+        Returns (prompt indices, (z_tm, t_m, t_n, lo), z_tn): the chain's teacher calls also give each
+        state's teacher step to t_n.
 
         A trajectory's noise, prompt and times depend only on its own index, so any split of the samples
         over micro-batches and processes gives the same states; a trajectory cut by a split is stepped
@@ -253,7 +259,7 @@ class DistillStage:
         columns = max(i % segments for i in samples) + 1
         prompts = [plan.order(j) for j in trajectories]
         with self.timer.charge("teacher_trajectory"):
-            states = shared_trajectory_states(
+            states, steps = shared_trajectory_states(
                 self.roles.teacher,
                 noise,
                 t_m[:, :columns],
@@ -262,12 +268,13 @@ class DistillStage:
                 settings=plan.settings,
                 alphas_cumprod=self.alphas_cumprod,
                 top=plan.boundaries[0],
+                t_n=t_n[:, :columns],
             )
         row = {j: r for r, j in enumerate(trajectories)}
         rows = torch.tensor([row[i // segments] for i in samples], device=run.device)
         cols = torch.tensor([i % segments for i in samples], device=run.device)
         picked = (states[rows, cols], t_m[rows, cols], t_n[rows, cols], lo[rows, cols])
-        return [plan.order(i // segments) for i in samples], picked
+        return [plan.order(i // segments) for i in samples], picked, steps[rows, cols]
 
     def stage2(self, index: int, plan: _PhasePlan, samples: range) -> tuple[Tensor, dict[str, float]]:
         """TLCM Eq. 9-10 (Algorithm 2) between adjacent segment boundaries."""

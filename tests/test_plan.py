@@ -202,8 +202,9 @@ def test_dry_run_estimates_time_and_memory_per_phase(sd15, capsys):
 
 
 def test_shared_states_and_the_stage1_regulariser_change_the_planned_teacher_work(sd15):
-    """Shared trajectories: one teacher step a sample (Algorithm 1: 4.5 at M = 8) in M calls; the stage-1
-    regulariser adds a stage-1 step's teacher and student work to every stage-2 step."""
+    """Shared trajectories: (M + 1) / M teacher CFG calls a sample, the step to t_n included (Algorithm 1:
+    4.5 at M = 8, and the step to t_n apart); the stage-1 regulariser adds a stage-1 step's teacher and
+    student work to every stage-2 step."""
     from mlcm_train.run.plan import plan_distill
 
     teacher, prompts = sd15
@@ -217,7 +218,12 @@ def test_shared_states_and_the_stage1_regulariser_change_the_planned_teacher_wor
         DistillConfig.from_dict({**base.to_dict(), "stage1_states": "shared"}), 0, "teacher_trajectory"
     )
     per_sample, _ = expected_mds_steps(base, 8, 4)
-    assert shared == pytest.approx(mds / per_sample, rel=1e-6)
+    assert shared == pytest.approx(mds / per_sample * 9 / 8, rel=1e-6)
+    target = flops(base, 0, "teacher_target")
+    shared_target = flops(
+        DistillConfig.from_dict({**base.to_dict(), "stage1_states": "shared"}), 0, "teacher_target"
+    )
+    assert shared_target == pytest.approx(target / 3)
     regular = DistillConfig.from_dict({**base.to_dict(), "stage2_stage1_weight": 1.0})
     assert flops(regular, 1, "teacher_trajectory") > flops(base, 1, "teacher_trajectory") + 0.9 * mds
     assert flops(regular, 1, "student_forward_backward") == pytest.approx(

@@ -86,3 +86,19 @@ def test_stage1_regulariser_weight_must_not_be_negative(sd15, tmp_path):
     teacher, prompts = sd15
     with pytest.raises(ValueError, match="stage2_stage1_weight=-1.0 must be >= 0"):
         tiny_config(teacher, prompts, tmp_path / "run", stage2_stage1_weight=-1.0)
+
+
+def test_shared_trajectories_spend_m_plus_one_teacher_calls_for_m_states_and_their_targets(sd15, tmp_path):
+    """--stage1-states shared: a trajectory of M states costs M + 1 CFG calls, its steps onward and the
+    states' steps to t_n sharing them: 2 (M + 1) / M teacher evaluations a sample against Algorithm 1's
+    2 (M - s) + 2."""
+    teacher, prompts = sd15
+    config = tiny_config(
+        teacher, prompts, tmp_path / "run", stages=(1,), stage1_steps=3, segments=4, batch_size=8,
+        stage1_states="shared",
+    )  # fmt: skip
+    train_distill(config)
+    last = rows(tmp_path / "run")[-1]
+    samples = 3 * config.batch_size
+    assert last["teacher_evals"] == samples // 4 * 2 * (4 + 1)
+    assert last["student_evals"] == 2 * samples

@@ -20,7 +20,7 @@ import mlcm_train.distill as distill
 from mlcm.segments import segment_boundaries
 from mlcm.vp import add_noise
 from mlcm_train.method.settings import DistillSettings
-from mlcm_train.method.teacher_ddim import shared_trajectory_states
+from mlcm_train.method.teacher_ddim import shared_trajectory_states, teacher_ddim_step
 from mlcm_train.method.timesteps import sample_stage1_timesteps, segment_bounds, shared_stage1_timesteps
 
 SKIP = 20
@@ -63,7 +63,8 @@ def test_shared_trajectory_draws_have_the_method_distribution_and_descend():
 
 def test_shared_trajectory_states_land_exactly_and_spend_one_step_per_state():
     """On a point mass every DDIM step is exact, so each column's state is the forward diffusion of the
-    guided point along the starting noise; the chain costs one CFG step (2 teacher rows) per column."""
+    guided point along the starting noise; the chain costs one CFG call (2 teacher rows) per column, and
+    one more gives every state its stage-1 teacher step to t_n, equal to a separate teacher step."""
     settings = DistillSettings(guidance_scale=3.0)
     x_c, x_u = randn(3, *SHAPE, seed=1), randn(3, *SHAPE, seed=2)
     rows = Counter()
@@ -79,8 +80,20 @@ def test_shared_trajectory_states_land_exactly_and_spend_one_step_per_state():
         teacher, noise, t_m, x_c, x_u, settings=settings, alphas_cumprod=ACP, top=999
     )
     assert states.shape == (3, 8, *SHAPE)
-    moving = int((t_m[:, 0] < 999).sum()) + 3 * 7  # the first column takes no step where t_m = T
-    assert rows["n"] == 2 * moving
+    assert rows["n"] == 2 * 3 * 8  # the calls at T and at the first 7 columns
+    rows["n"] = 0
+    t_n = t_m - SKIP
+    again, z_tn = shared_trajectory_states(
+        teacher, noise, t_m, x_c, x_u, settings=settings, alphas_cumprod=ACP, top=999, t_n=t_n
+    )
+    assert rows["n"] == 2 * 3 * 9  # and the last column's: its x0 gives the step to its t_n
+    torch.testing.assert_close(again, states)
+    for column in range(8):
+        alone = teacher_ddim_step(
+            teacher, states[:, column], t_m[:, column], t_n[:, column], x_c, x_u,
+            guidance_scale=3.0, alphas_cumprod=ACP,
+        )  # fmt: skip
+        torch.testing.assert_close(z_tn[:, column], alone, atol=1e-5, rtol=1e-5)
     x_g = guided_point(x_c, x_u, 3.0)
     direction = consistent_eps(x_g)(noise, torch.full((3,), 999), None)
     for column in range(8):

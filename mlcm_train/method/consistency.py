@@ -81,12 +81,14 @@ def stage1_loss(
     settings: DistillSettings,
     alphas_cumprod: Tensor,
     feature_fn: FeatureFn | None = None,
+    z_tn: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Multistep latent consistency loss (TLCM Eq. 7) with the teacher step of Eq. 8.
 
     pred   = DDIM(z_tm, x0_student(z_tm, t_m), t_m -> lo)
     target = DDIM(z_tn, x0_target(z_tn, t_n), t_n -> lo), no grad, z_tn = teacher CFG-DDIM(z_tm, t_m -> t_n).
     Gradients reach only what ``student_eps_fn`` computes; the student sees ``cond`` only (CFG is baked in).
+    ``z_tn`` given: that teacher step, already taken by the caller (shared trajectories reuse the eps).
     """
     device = z_tm.device
     t_m, t_n, lo = t_m.to(device), t_n.to(device), lo.to(device)
@@ -95,16 +97,18 @@ def stage1_loss(
             "stage-1 timesteps must satisfy lo <= t_n <= t_m; draw them with sample_stage1_timesteps"
         )
     with torch.no_grad():
-        z_tn = teacher_ddim_step(
-            teacher_eps_fn,
-            z_tm,
-            t_m,
-            t_n,
-            cond,
-            uncond,
-            guidance_scale=settings.guidance_scale,
-            alphas_cumprod=alphas_cumprod,
-        )
+        if z_tn is None:  # else the caller took this teacher step already (shared trajectories)
+            z_tn = teacher_ddim_step(
+                teacher_eps_fn,
+                z_tm,
+                t_m,
+                t_n,
+                cond,
+                uncond,
+                guidance_scale=settings.guidance_scale,
+                alphas_cumprod=alphas_cumprod,
+            )
+        z_tn = z_tn.float()
         x0_target = x0_from_eps(z_tn, target_eps_fn(z_tn, t_n, cond), t_n, alphas_cumprod)
         target = ddim_to(z_tn, x0_target, t_n, lo, alphas_cumprod)
     x0_pred = x0_from_eps(z_tm, student_eps_fn(z_tm, t_m, cond), t_m, alphas_cumprod)

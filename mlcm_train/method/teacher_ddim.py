@@ -141,13 +141,16 @@ def shared_trajectory_states(
     settings: DistillSettings,
     alphas_cumprod: Tensor,
     top: int,
-) -> Tensor:
+    t_n: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """States of shared trajectories: each row of ``noise`` runs one CFG-DDIM chain from ``top`` through its
     row of descending ``t_m`` (N, K), one teacher step per column (ours; see docs/method.md, "Shared
     trajectories"). Returns (N, K, C, H, W): the state at every column's t_m.
 
-    Where Algorithm 1 spends ``M - s`` steps on one state, a chain through the M segments spends M steps
-    on M states. A column whose t_m equals the previous one (t_m = T at the top) takes no step.
+    With ``t_n`` (N, K), also returns stage 1's teacher step of every state, ``z_tn`` (TLCM Eq. 8). A DDIM
+    step from t_m uses only the teacher's eps at (z_tm, t_m), and the chain's step onward from that column
+    needs the same eps, so one CFG call serves both: K + 1 calls for K states and their targets, where
+    Algorithm 1 spends ``M - s`` calls on one state and one more on its target.
     """
     if t_m.dim() != 2 or t_m.shape[0] != noise.shape[0]:
         raise ValueError(
@@ -159,26 +162,26 @@ def shared_trajectory_states(
         raise ValueError(
             "shared trajectory times must descend from the top; draw them with shared_stage1_timesteps"
         )
-    z = noise.float().clone()
-    batch = z.shape[0]
+    if t_n is not None and (t_n.shape != t_m.shape or bool((t_n.to(device) > t_m).any())):
+        raise ValueError("t_n must be (trajectories, columns) like t_m and at most t_m")
+
+    def teacher_x0(z: Tensor, t: Tensor) -> Tensor:
+        eps = cfg_eps(teacher_eps_fn, z, t, cond, uncond, settings.guidance_scale)
+        return x0_from_eps(z, eps, t, alphas_cumprod)
+
+    columns = t_m.shape[1]
+    z = noise.float()
     t_cur = torch.full_like(t_m[:, 0], top)
-    states = []
-    for column in range(t_m.shape[1]):
+    x0 = teacher_x0(z, t_cur)
+    states, targets = [], []
+    for column in range(columns):
         t_next = t_m[:, column]
-        active = (t_next < t_cur).nonzero().flatten()
-        if active.numel() > 0:
-            rows = active if active.numel() < batch else slice(None)
-            z = z.clone()
-            z[rows] = teacher_ddim_step(
-                teacher_eps_fn,
-                z[rows],
-                t_cur[rows],
-                t_next[rows],
-                cond if active.numel() == batch else select_cond(cond, active, batch),
-                uncond if active.numel() == batch else select_cond(uncond, active, batch),
-                guidance_scale=settings.guidance_scale,
-                alphas_cumprod=alphas_cumprod,
-            )
+        z = ddim_to(z, x0, t_cur, t_next, alphas_cumprod)  # the identity where t_next = t_cur (t_m = T)
         states.append(z)
+        if t_n is not None or column + 1 < columns:
+            x0 = teacher_x0(z, t_next)
+            if t_n is not None:
+                targets.append(ddim_to(z, x0, t_next, t_n[:, column].to(device), alphas_cumprod))
         t_cur = t_next
-    return torch.stack(states, dim=1)
+    states_out = torch.stack(states, dim=1)
+    return states_out if t_n is None else (states_out, torch.stack(targets, dim=1))

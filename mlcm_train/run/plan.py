@@ -307,9 +307,9 @@ def expected_mds_steps(config: DistillConfig, segments: int, batch: int) -> tupl
 
 def _stage1_state_steps(config: DistillConfig, segments: int, batch: int) -> tuple[float, float]:
     """(teacher steps per sample, teacher calls per batch) that make online stage-1 states: Algorithm 1's,
-    or a shared chain's (M steps for every M samples, one call per segment)."""
+    or a shared chain's (M + 1 calls for every M samples, which also take each state's step to t_n)."""
     if config.stage1_states == "shared":
-        return 1.0, float(segments)
+        return (segments + 1) / segments, float(segments + 1)
     return expected_mds_steps(config, segments, batch)
 
 
@@ -337,9 +337,11 @@ def plan_distill(config: DistillConfig, mixed_precision: str, device: torch.devi
             calls["student start sample"] = config.stage2_q
             calls["teacher sub-steps"] = config.stage2_p
             parts["teacher_trajectory"] = ((config.stage2_q + 2 * config.stage2_p) * b * forward, False)
-        calls["teacher target"] = 2.0
+        shared = stage == 1 and not cached and config.stage1_states == "shared"
+        calls["teacher target"] = 1.0 if shared else 2.0
         calls["student forward + backward"] = 2.0
-        parts["teacher_target"] = (3 * b * forward, False)  # a CFG step and the target's call
+        # A CFG step and the target's call; a shared chain took the CFG step already.
+        parts["teacher_target"] = ((1 if shared else 3) * b * forward, False)
         parts["student_forward_backward"] = (trained, True)
         if stage == 2 and config.stage2_stage1_weight > 0:  # the stage-1 regulariser: a stage-1 step more
             steps, batch_calls = _stage1_state_steps(config, segments, b)
