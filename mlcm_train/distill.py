@@ -323,7 +323,8 @@ def completed_stages(config: DistillConfig, state: TrainState) -> tuple[str, ...
     for index, (segments, stage) in enumerate(config.phases()):
         if index < state.phase or (index == state.phase and state.phase_step > 0):
             name = STAGE_NAMES[stage]
-            rounds = config.progressive or len(config.stage2_round_counts) > 1
+            # Rounds name their segment count: every phase of --progressive, stage 2's when it has several.
+            rounds = config.progressive or (stage == 2 and len(config.stage2_round_counts) > 1)
             names.append(f"{name}@{segments}" if rounds else name)
     return tuple(names)
 

@@ -47,7 +47,7 @@ def test_stage2_rounds_train_stage_2_at_each_count_after_one_stage_1(sd15, tmp_p
     assert [(r["stage"], r["segments"]) for r in rows] == [(1, 8), (2, 8), (2, 4), (2, 2)]
     meta = read_lora(result.exported[0]).metadata
     assert meta.segments == 8
-    assert meta.stages == ("mlcd@8", "inter_segment@8", "inter_segment@4", "inter_segment@2")
+    assert meta.stages == ("mlcd", "inter_segment@8", "inter_segment@4", "inter_segment@2")
 
 
 def test_ema_target_is_saved_and_lags_the_student(sd15, tmp_path):
