@@ -90,6 +90,7 @@ def full_shape(args: argparse.Namespace) -> None:
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer,
+        stage1_states=args.stage1_states,
         sample_every=0,
         checkpoint_every=10**6,
         log_every=10**6,
@@ -225,6 +226,9 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
+    parser.add_argument(
+        "--stage1-states", default="mds", choices=("mds", "shared"), help="full: how stage 1 makes its states"
+    )
     parser.add_argument("--work", help="full: folder that keeps the built teacher between runs")
     parser.add_argument("--matrix", action="store_true", help="full: every memory-table row at batch 1 and 4")
     parser.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
