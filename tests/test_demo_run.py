@@ -38,7 +38,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     result = run_demo(settings)
     for name in ("table.md", "table.json", "samples.png", "quality_vs_steps.png"):
         assert (tmp_path / "demo" / name).is_file(), name
-    assert not list((tmp_path / "demo").glob(".*.tmp-*"))  # written through renamed temporary files
+    assert not list((tmp_path / "demo").glob("*.tmp-*"))  # written through renamed temporary files
     table = json.loads((tmp_path / "demo" / "table.json").read_text())
     rows = table["rows"]
     expected = (

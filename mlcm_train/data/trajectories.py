@@ -136,7 +136,7 @@ def _differences(found: Mapping[str, Any], wanted: Mapping[str, Any], prefix: st
     return lines
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary sibling and rename, so readers see the whole file or nothing."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -163,7 +163,7 @@ def _ensure_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     existing = _read_manifest(directory)
     if existing is None:
         text = json.dumps(manifest, indent=2, sort_keys=True)
-        _write_atomic(directory / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+        write_atomic(directory / MANIFEST_NAME, lambda p: p.write_text(text, encoding="utf-8"))
         return
     diffs = _differences(existing, manifest)
     if diffs:
@@ -258,7 +258,7 @@ def generate_trajectory_shards(
             on_rows=bar.update,
         )
         metadata = {"format": FORMAT, "manifest_sha256": manifest_hash, "shard": str(k)}
-        _write_atomic(
+        write_atomic(
             out_dir / shard_name(k), lambda p, t=tensors, m=metadata: save_file(t, str(p), metadata=m)
         )
     bar.close()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import Tensor
+
+from mlcm_train.data.trajectories import write_atomic
 
 TABLE_COLUMNS = ("method", "steps", "UNet evals", "s/image", "FD", "prompt acc.", "reward")
 
@@ -28,17 +29,6 @@ class Row:
     sampling_seconds_per_image: float = math.nan  # s/image without the VAE decode (UNet sampling only)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary sibling and rename: a reader (or a killed run) sees the whole file or the
-    previous one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def markdown_table(rows: Sequence[Row]) -> str:
     """``| method | steps | UNet evals | s/image | FD | prompt acc. | reward |`` with one line per row."""
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
@@ -54,7 +44,7 @@ def write_table(rows: Sequence[Row], folder: Path, extra: dict, notes: str = "")
     """``table.md`` (the table plus notes) and ``table.json`` (rows plus run facts in ``extra``)."""
     folder.mkdir(parents=True, exist_ok=True)
     md = folder / "table.md"
-    _write_atomic(
+    write_atomic(
         md,
         lambda tmp: tmp.write_text(
             "# MLCM demo: quality vs steps\n\n" + markdown_table(rows) + "\n" + notes, encoding="utf-8"
@@ -62,7 +52,7 @@ def write_table(rows: Sequence[Row], folder: Path, extra: dict, notes: str = "")
     )
     js = folder / "table.json"
     text = json.dumps({"rows": [asdict(r) for r in rows], **extra}, indent=2) + "\n"
-    _write_atomic(js, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(js, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return md, js
 
 
@@ -88,7 +78,7 @@ def write_grid(rows: Sequence[tuple[str, Tensor]], prompts: Sequence[str], path:
     fig.suptitle("same prompts and seeds in every row", fontsize=8, y=1.0 - 0.08 / height)
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.3 / height))  # keep the title clear of the column labels
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -122,6 +112,6 @@ def write_plot(rows: Sequence[Row], reference: Row, path: Path) -> Path:
     ax_fd.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
